@@ -1,0 +1,423 @@
+"""Differencing chains: resolve parents safely, validate, read through.
+
+A chain is a list of open :class:`~vhdcore.disk.VhdFile` from the leaf (the
+newest differencing disk) to the base (a fixed or dynamic disk).  Parent
+paths come from the child's parent locators (``W2ru``, ``W2ku``, ``MacX``)
+and its header's parent name, resolved relative to the child's directory.
+
+Resolution is confined: a parent is accepted only when its real path (all
+symlinks followed) lies inside one of ``allowed_dirs`` (by default the
+leaf's directory), it is a regular file, and it is not reached through an
+absolute locator path, unless the caller explicitly allows those.  The
+parent's footer UUID must equal the child's parent UUID and dynamic block
+sizes must agree.  Depth is capped (256 by default) and cycles are refused,
+all before any block data is read.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import stat
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from . import kernels
+from .disk import PathLike, VhdFile
+from .errors import (
+    ChainCycleError,
+    ChainDepthError,
+    ConfinementError,
+    ParentMismatchError,
+    ParentNotFoundError,
+    VhdError,
+)
+from .format import DEFAULT_BLOCK_SIZE, SECTOR, bitmap_size_for
+
+__all__ = ["Chain", "DEFAULT_MAX_DEPTH", "resolve_parent", "aligned_buffer"]
+
+DEFAULT_MAX_DEPTH = 256
+_WIN_ABS = re.compile(r"^[A-Za-z]:[\\/]|^[\\/]{2}")
+
+
+def aligned_buffer(nbytes: int) -> memoryview:
+    """A zeroed, page-aligned writable buffer (page-cache copies into a
+    page-aligned buffer run about twice as fast as into a bytearray)."""
+    return memoryview(mmap.mmap(-1, max(nbytes, 1)))[:nbytes]
+
+
+def _within(real: str, roots: Sequence[str]) -> bool:
+    for root in roots:
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def resolve_parent(child: VhdFile, *, allowed_dirs: Sequence[str], allow_absolute: bool = False,
+                   allow_special: bool = False) -> str:
+    """Find the parent file of a differencing disk, confined to ``allowed_dirs``
+    (real paths).  Returns the path as found (not symlink-resolved)."""
+    assert child.header is not None
+    child_dir = os.path.dirname(os.path.abspath(child.path))
+    candidates: list[tuple[str, str]] = []
+    order = {"W2ru": 0, "W2ku": 1, "MacX": 2}
+    for code, p in sorted(child.parent_locators(), key=lambda cp: order.get(cp[0], 9)):
+        candidates.append((code, p))
+    if child.header.parent_name:
+        candidates.append(("parent name", child.header.parent_name))
+    tried: list[str] = []
+    refused: list[str] = []
+    seen: set[str] = set()
+    for code, raw in candidates:
+        p = raw.replace("\\", "/")
+        if "\0" in p or not p.strip():
+            continue
+        if _WIN_ABS.match(raw) or _WIN_ABS.match(p):
+            tried.append(f"{code} {raw!r} (a Windows absolute path)")
+            continue
+        if os.path.isabs(p):
+            if not allow_absolute:
+                refused.append(f"{code} {raw!r} is an absolute path")
+                continue
+            full = os.path.normpath(p)
+        else:
+            full = os.path.normpath(os.path.join(child_dir, p))
+        if full in seen:
+            continue
+        seen.add(full)
+        try:
+            st = os.stat(full)
+        except (FileNotFoundError, NotADirectoryError):
+            tried.append(f"{code} {raw!r} -> {full} (missing)")
+            continue
+        except OSError as exc:
+            tried.append(f"{code} {raw!r} -> {full} ({exc.strerror})")
+            continue
+        real = os.path.realpath(full)
+        if not _within(real, allowed_dirs):
+            refused.append(
+                f"{code} {raw!r} leads to {real}, outside the allowed directories "
+                f"({', '.join(allowed_dirs)})"
+            )
+            continue
+        if not stat.S_ISREG(st.st_mode) and not allow_special:
+            refused.append(f"{code} {raw!r} leads to {real}, which is not a regular file")
+            continue
+        return full
+    if refused:
+        raise ConfinementError(f"{child.path}: parent refused: " + "; ".join(refused))
+    raise ParentNotFoundError(
+        f"{child.path}: parent not found; tried " + ("; ".join(tried) if tried else "no locator")
+    )
+
+
+class Chain:
+    """An open differencing chain, leaf first.
+
+    Use :meth:`open` to resolve a leaf's parents, or :meth:`from_layers` for
+    files already open.  All reads go through :meth:`merge_block`, which
+    overlays the layers youngest first with the merge kernel: per sector, the
+    newest layer that has it wins, and a sector no layer has reads as zero.
+    """
+
+    def __init__(self, layers: list[VhdFile], *, owned: bool = True) -> None:
+        if not layers:
+            raise VhdError("a chain needs at least one disk")
+        self.layers = layers
+        self._owned = owned
+        leaf = layers[0]
+        self.leaf = leaf
+        self.base = layers[-1]
+        self.virtual_size = leaf.virtual_size
+        dyn = [ly for ly in layers if not ly.is_fixed]
+        self.block_size = dyn[0].block_size if dyn else DEFAULT_BLOCK_SIZE
+        self.sectors_per_block = self.block_size // SECTOR
+        self.bitmap_bytes = (self.sectors_per_block + 7) // 8
+        self.bitmap_size = bitmap_size_for(self.block_size)
+        self.nblocks = -(-self.virtual_size // self.block_size)
+        self._scratch: memoryview | None = None
+        self._scratch_bm: bytearray | None = None
+
+    # --------------------------------------------------------------- opening
+    @classmethod
+    def from_layers(cls, layers: list[VhdFile], *, owned: bool = True) -> "Chain":
+        return cls(layers, owned=owned)
+
+    @classmethod
+    def open(cls, leaf: PathLike, *, allowed_dirs: Iterable[PathLike] | None = None,
+             max_depth: int = DEFAULT_MAX_DEPTH, allow_absolute: bool = False,
+             allow_special: bool = False, writable: bool = False) -> "Chain":
+        """Open ``leaf`` and resolve its parents.
+
+        ``allowed_dirs``: directories parents may live in (default: the
+        leaf's directory).  ``max_depth``: the most disks a chain may have.
+        ``writable``: open the leaf for writing (parents stay read-only).
+        """
+        leaf = os.fspath(leaf)
+        if allowed_dirs is None:
+            roots = [os.path.realpath(os.path.dirname(os.path.abspath(leaf)))]
+        else:
+            roots = [os.path.realpath(os.fspath(d)) for d in allowed_dirs]
+        try:
+            st = os.stat(leaf)
+        except OSError:
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode) and not allow_special:
+            raise ConfinementError(f"{leaf}: not a regular file")
+        layers: list[VhdFile] = []
+        seen: dict[tuple[int, int], str] = {}
+        try:
+            cur = VhdFile.open(leaf, writable=writable)
+            while True:
+                layers.append(cur)
+                st = os.fstat(cur._fd)
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    raise ChainCycleError(
+                        f"{cur.path}: chain loops back to {seen[key]} after {len(layers) - 1} disks"
+                    )
+                seen[key] = cur.path
+                if len(layers) > max_depth:
+                    raise ChainDepthError(
+                        f"{leaf}: chain is deeper than the limit of {max_depth} disks"
+                    )
+                if not cur.is_differencing:
+                    break
+                ppath = resolve_parent(cur, allowed_dirs=roots, allow_absolute=allow_absolute,
+                                       allow_special=allow_special)
+                parent = VhdFile.open(ppath)
+                try:
+                    _check_parent(cur, parent)
+                except BaseException:
+                    # keep the parent for the cycle message only if it is a cycle
+                    pst = os.fstat(parent._fd)
+                    if (pst.st_dev, pst.st_ino) in seen:
+                        parent.close()
+                        raise ChainCycleError(
+                            f"{cur.path}: chain loops back to {seen[(pst.st_dev, pst.st_ino)]}"
+                        ) from None
+                    parent.close()
+                    raise
+                cur = parent
+        except BaseException:
+            for ly in layers:
+                ly.close()
+            raise
+        return cls(layers)
+
+    def close(self) -> None:
+        if self._owned:
+            for ly in self.layers:
+                ly.close()
+
+    def __enter__(self) -> "Chain":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        return f"<Chain {len(self.layers)} disks, leaf {self.leaf.path!r}>"
+
+    # ---------------------------------------------------------------- blocks
+    def block_sectors(self, block: int) -> int:
+        rest = self.virtual_size - block * self.block_size
+        if rest <= 0:
+            return 0
+        return min(self.sectors_per_block, -(-rest // SECTOR))
+
+    def allocated_blocks(self) -> np.ndarray:
+        """Blocks that some layer holds data for (fixed layers: all theirs)."""
+        mask = np.zeros(self.nblocks, dtype=bool)
+        for ly in self.layers:
+            if ly.is_fixed:
+                n = min(self.nblocks, -(-ly.virtual_size // self.block_size))
+                mask[:n] = True
+            else:
+                a = ly.allocated_blocks()
+                mask[a[a < self.nblocks]] = True
+        return np.nonzero(mask)[0]
+
+    def merge_block(self, block: int, out_data: memoryview | bytearray,
+                    out_bitmap: memoryview | bytearray, *, layers: Sequence[VhdFile] | None = None
+                    ) -> int:
+        """Merge ``block`` of all layers (youngest first) into ``out_data``
+        (at least ``block_sectors(block)*512`` bytes) and ``out_bitmap``
+        (at least ``bitmap_bytes``), which is overwritten.  Sectors that no
+        layer holds are zeroed and their bits stay clear.  Returns the number
+        of sectors some layer held."""
+        n = self.block_sectors(block)
+        nb = (n + 7) // 8
+        memoryview(out_bitmap)[:nb] = bytes(nb)
+        filled = 0
+        start = block * self.block_size
+        for ly in (self.layers if layers is None else layers):
+            if ly.is_fixed:
+                if start >= ly.virtual_size:
+                    continue
+                view = ly.fixed_view(start, n * SECTOR)
+                m = len(view) // SECTOR
+                if m:
+                    filled += kernels.overlay_full(view, out_bitmap, out_data, m)
+            else:
+                v = ly.block_views(block)
+                if v is None:
+                    continue
+                m = min(n, ly.block_sectors(block))
+                filled += kernels.overlay(v[0], v[1], out_bitmap, out_data, m)
+            if filled >= n:
+                break
+        if filled < n:
+            kernels.fill_unset(out_bitmap, out_data, n)
+        return filled
+
+    def block_owners(self, block: int) -> np.ndarray:
+        """Per sector of ``block``: the index in ``layers`` of the layer that
+        holds it (0 = leaf), or -1 when no layer does (reads as zero)."""
+        n = self.block_sectors(block)
+        owner = np.full(n, -1, dtype=np.int16)
+        start = block * self.block_size
+        for i, ly in enumerate(self.layers):
+            if ly.is_fixed:
+                m = max(0, min(n, (ly.virtual_size - start) // SECTOR))
+                have = np.zeros(n, dtype=bool)
+                have[:m] = True
+            else:
+                v = ly.block_views(block)
+                if v is None:
+                    continue
+                m = min(n, ly.block_sectors(block))
+                have = np.zeros(n, dtype=bool)
+                have[:m] = np.unpackbits(np.frombuffer(v[0], dtype=np.uint8))[:m].astype(bool)
+            owner[(owner < 0) & have] = i
+        return owner
+
+    # ----------------------------------------------------------------- reads
+    def _scratch_buffers(self) -> tuple[memoryview, bytearray]:
+        if self._scratch is None:
+            self._scratch = aligned_buffer(self.block_size)
+            self._scratch_bm = bytearray(self.bitmap_size)
+        assert self._scratch_bm is not None
+        return self._scratch, self._scratch_bm
+
+    def read_into(self, offset: int, buf: memoryview | bytearray) -> int:
+        """Fill ``buf`` with the virtual disk from ``offset``.  Bytes past the
+        virtual size are not written; returns the number of bytes read."""
+        out = memoryview(buf).cast("B")
+        if offset < 0:
+            raise VhdError(f"negative offset {offset}")
+        length = max(0, min(len(out), self.virtual_size - offset))
+        data, bm = self._scratch_buffers()
+        pos = 0
+        bs = self.block_size
+        while pos < length:
+            off = offset + pos
+            blk, within = divmod(off, bs)
+            n = min(length - pos, bs - within)
+            full = self.block_sectors(blk) * SECTOR
+            if within == 0 and n == full and full % SECTOR == 0:
+                self.merge_block(blk, out[pos : pos + n], bm)
+            else:
+                self.merge_block(blk, data, bm)
+                out[pos : pos + n] = data[within : within + n]
+            pos += n
+        return length
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes of the virtual disk at ``offset`` (clipped to its size)."""
+        length = max(0, min(length, self.virtual_size - offset))
+        buf = bytearray(length)
+        self.read_into(offset, buf)
+        return bytes(buf)
+
+    def iter_raw(self, chunk: int | None = None) -> Iterable[memoryview]:
+        """The whole virtual disk as a sequence of views of one reused buffer
+        (copy each before the next is produced)."""
+        chunk = chunk or self.block_size
+        chunk = max(self.block_size, chunk // self.block_size * self.block_size)
+        buf = aligned_buffer(chunk)
+        pos = 0
+        while pos < self.virtual_size:
+            n = self.read_into(pos, buf[: min(chunk, self.virtual_size - pos)])
+            yield buf[:n]
+            pos += n
+
+    def copy_to_raw(self, path: PathLike) -> int:
+        """Write the virtual disk as a raw file, leaving holes for zero blocks."""
+        path = os.fspath(path)
+        data = aligned_buffer(self.block_size)
+        bm = bytearray(self.bitmap_size)
+        tmp = path + ".part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, self.virtual_size)
+            for blk in self.allocated_blocks():
+                blk = int(blk)
+                n = self.block_sectors(blk) * SECTOR
+                n = min(n, self.virtual_size - blk * self.block_size)
+                if self.merge_block(blk, data, bm) and not kernels.is_zero(data, 0, n):
+                    _pwrite_all(fd, data[:n], blk * self.block_size)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
+        return self.virtual_size
+
+    # ---------------------------------------------------------------- writes
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write bytes into the leaf at a virtual offset (the chain must be
+        opened with ``writable=True``).  Partial sectors are completed with
+        their current content read through the chain."""
+        data = memoryview(data).cast("B")
+        if offset < 0 or offset + len(data) > self.virtual_size:
+            raise VhdError(
+                f"{self.leaf.path}: write of {len(data)} bytes at {offset} is outside the "
+                f"virtual size {self.virtual_size}"
+            )
+        if not data:
+            return
+        first = offset // SECTOR
+        end = offset + len(data)
+        last = -(-end // SECTOR)
+        head = offset - first * SECTOR
+        if head == 0 and end % SECTOR == 0:
+            self.leaf.write_sectors(first, data)
+            return
+        buf = bytearray((last - first) * SECTOR)
+        if head:
+            buf[:SECTOR] = self.read(first * SECTOR, SECTOR).ljust(SECTOR, b"\0")
+        if end % SECTOR:
+            buf[-SECTOR:] = self.read((last - 1) * SECTOR, SECTOR).ljust(SECTOR, b"\0")
+        buf[head : head + len(data)] = data
+        self.leaf.write_sectors(first, buf)
+        for ly in self.layers[1:]:
+            ly._map()
+
+
+def _check_parent(child: VhdFile, parent: VhdFile) -> None:
+    assert child.header is not None
+    if parent.footer.unique_id != child.header.parent_uuid:
+        raise ParentMismatchError(
+            f"{child.path}: parent UUID in its header is {child.header.parent_uuid_obj}, but "
+            f"{parent.path} has UUID {parent.uuid}"
+        )
+    if not parent.is_fixed and parent.block_size != child.block_size:
+        raise ParentMismatchError(
+            f"{child.path}: block size {child.block_size} differs from its parent "
+            f"{parent.path}'s {parent.block_size}"
+        )
+
+
+def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    view = memoryview(data)
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n

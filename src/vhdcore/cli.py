@@ -1,0 +1,295 @@
+"""The command line: ``python -m vhdcore ...`` (also installed as ``vhdcore``).
+
+This module only parses arguments, calls the library and prints; it holds no
+logic of its own.
+
+Exit codes (a contract other tools script against):
+
+* 0 — success (``check``: no problems found)
+* 1 — bad input or an error (a ``VhdError``); ``check``: problems found
+* 2 — wrong usage (argparse)
+* 3 — the job failed (a target or the host failed; ``image`` can be resumed)
+* 4 — the job stopped at its timeout or was interrupted; it can be resumed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__
+from ._util import human_size, parse_size
+from .errors import VhdError, VhdTimeoutError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_FAILED = 3
+EXIT_TIMEOUT = 4
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def _command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        _COMMANDS[name] = fn
+        return fn
+    return deco
+
+
+def _print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def _chain_options(ns: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if getattr(ns, "allow_dir", None):
+        leaf_dir = os.path.dirname(os.path.abspath(ns.leaf if hasattr(ns, "leaf") else ns.file))
+        opts["allowed_dirs"] = [leaf_dir, *ns.allow_dir]
+    if getattr(ns, "max_depth", None):
+        opts["max_depth"] = ns.max_depth
+    if getattr(ns, "allow_absolute", False):
+        opts["allow_absolute"] = True
+    return opts
+
+
+def _add_chain_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-dir", action="append", metavar="DIR",
+                   help="a directory parents may live in besides the leaf's own (repeatable)")
+    p.add_argument("--max-depth", type=int, metavar="N",
+                   help="the most disks a chain may have (default 256)")
+    p.add_argument("--allow-absolute", action="store_true",
+                   help="follow parent locators that hold absolute paths (still confined)")
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Callable[[int], None] | None:
+    """A callback advancing a tqdm bar on a terminal, or None."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is optional
+        return None
+    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+               file=sys.stderr, leave=False)
+
+    def advance(done: int) -> None:
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+    return advance
+
+
+# ------------------------------------------------------------------ info
+@_command("info")
+def _info(ns: argparse.Namespace) -> int:
+    from .disk import VhdFile
+
+    with VhdFile.open(ns.file) as vhd:
+        d = vhd.describe()
+    if ns.json:
+        _print_json(d)
+        return EXIT_OK
+    for k, v in d.items():
+        if k == "parent_locators":
+            for loc in v:
+                print(f"{'parent locator':20} {loc}")
+        elif isinstance(v, int) and k.endswith("size") or k == "allocated_bytes":
+            print(f"{k.replace('_', ' '):20} {v} ({human_size(int(v))})")
+        else:
+            print(f"{k.replace('_', ' '):20} {v}")
+    return EXIT_OK
+
+
+@_command("check")
+def _check(ns: argparse.Namespace) -> int:
+    from .check import check_chain, check_file
+
+    if ns.chain:
+        problems = check_chain(ns.file, **_chain_options(ns))
+    else:
+        problems = check_file(ns.file)
+    errors = [p for p in problems if p.severity == "error"]
+    if ns.json:
+        _print_json({"ok": not errors, "problems": [p.to_json() for p in problems]})
+    else:
+        for p in problems:
+            print(p)
+        if not errors:
+            print(f"{ns.file}: ok" + (" (whole chain)" if ns.chain else ""))
+    return EXIT_OK if not errors else EXIT_ERROR
+
+
+@_command("chain")
+def _chain(ns: argparse.Namespace) -> int:
+    from .chain import Chain
+
+    with Chain.open(ns.leaf, **_chain_options(ns)) as chain:
+        rows = []
+        for ly in chain.layers:
+            rows.append({
+                "path": ly.path, "type": ly.footer.type_name, "uuid": str(ly.uuid),
+                "virtual_size": ly.virtual_size, "file_size": ly.file_size,
+                "allocated_bytes": ly.allocated_bytes(),
+            })
+    if ns.json:
+        _print_json({"leaf": ns.leaf, "depth": len(rows), "disks": rows})
+        return EXIT_OK
+    for i, r in enumerate(rows):
+        print(f"{'leaf' if i == 0 else ('base' if i == len(rows) - 1 else 'parent'):6} "
+              f"{r['path']}  {r['type']}  virtual {human_size(r['virtual_size'])}  "
+              f"file {human_size(r['file_size'])}  allocated {human_size(r['allocated_bytes'])}")
+    return EXIT_OK
+
+
+@_command("create")
+def _create(ns: argparse.Namespace) -> int:
+    from .disk import create_dynamic, create_fixed
+
+    size = parse_size(ns.size)
+    if ns.type == "fixed":
+        if ns.block_size:
+            raise VhdError("--block-size applies to dynamic disks only")
+        create_fixed(ns.out, size, exclusive=not ns.force).close()
+    else:
+        bs = parse_size(ns.block_size) if ns.block_size else 2 * 1024 * 1024
+        create_dynamic(ns.out, size, block_size=bs, exclusive=not ns.force).close()
+    print(f"created {ns.out}: {ns.type} {human_size(size)}")
+    return EXIT_OK
+
+
+@_command("snapshot")
+def _snapshot(ns: argparse.Namespace) -> int:
+    from .disk import create_differencing
+
+    create_differencing(ns.child, ns.parent, exclusive=not ns.force).close()
+    print(f"created {ns.child}: differencing disk over {ns.parent}")
+    return EXIT_OK
+
+
+@_command("cat")
+def _cat(ns: argparse.Namespace) -> int:
+    from .chain import Chain
+
+    with Chain.open(ns.leaf, **_chain_options(ns)) as chain:
+        if ns.output and ns.output != "-":
+            chain.copy_to_raw(ns.output)
+            return EXIT_OK
+        out = sys.stdout.buffer
+        for view in chain.iter_raw(8 * 1024 * 1024):
+            out.write(view)
+        out.flush()
+    return EXIT_OK
+
+
+@_command("write")
+def _write(ns: argparse.Namespace) -> int:
+    from .chain import Chain
+
+    offset = parse_size(ns.offset)
+    with Chain.open(ns.file, writable=True, **_chain_options(ns)) as chain:
+        src = sys.stdin.buffer if ns.source == "-" else open(ns.source, "rb")
+        try:
+            pos = offset
+            while True:
+                buf = src.read(4 * 1024 * 1024)
+                if not buf:
+                    break
+                chain.write(pos, buf)
+                pos += len(buf)
+        finally:
+            if src is not sys.stdin.buffer:
+                src.close()
+        chain.leaf.flush()
+    print(f"wrote {pos - offset} bytes at offset {offset} into {ns.file}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vhdcore",
+        description="Read, check, coalesce, flatten and image Microsoft VHD chains.",
+        epilog="Sizes accept K/M/G/T suffixes (binary). Exit codes: 0 ok, 1 bad input or "
+               "problems found, 2 usage, 3 job failed (resumable), 4 timed out or interrupted "
+               "(resumable).",
+    )
+    p.add_argument("--version", action="version", version=f"vhdcore {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("info", help="show the footer, header and BAT facts of one VHD file")
+    s.add_argument("file")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    s = sub.add_parser("check", help="check a VHD file (or its whole chain) for damage")
+    s.add_argument("file")
+    s.add_argument("--chain", action="store_true", help="also check every parent and each link")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    _add_chain_options(s)
+
+    s = sub.add_parser("chain", help="list the chain from leaf to base")
+    s.add_argument("leaf")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    _add_chain_options(s)
+
+    s = sub.add_parser("create", help="create an empty fixed or dynamic VHD")
+    s.add_argument("out")
+    s.add_argument("--size", required=True, help="virtual size, e.g. 10G")
+    s.add_argument("--type", choices=("dynamic", "fixed"), default="dynamic")
+    s.add_argument("--block-size", help="block size of a dynamic disk (default 2M)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    s = sub.add_parser("snapshot", help="create a differencing disk over a parent")
+    s.add_argument("child")
+    s.add_argument("--parent", required=True)
+    s.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    s = sub.add_parser("cat", help="write the whole virtual disk through the chain as raw bytes")
+    s.add_argument("leaf")
+    s.add_argument("-o", "--output", help="output file (sparse); default: standard output")
+    _add_chain_options(s)
+
+    s = sub.add_parser("write", help="write a file's bytes into a VHD at a virtual offset")
+    s.add_argument("file")
+    s.add_argument("--offset", required=True, help="virtual byte offset (K/M/G suffixes)")
+    s.add_argument("--from", dest="source", required=True, help="source file, or - for stdin")
+    _add_chain_options(s)
+
+    for extra in _EXTRA_PARSERS:
+        extra(sub)
+    return p
+
+
+#: functions that add subcommands defined in other modules of this file's
+#: second half (kept apart for readability)
+_EXTRA_PARSERS: list[Callable[[Any], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return _COMMANDS[ns.command](ns)
+    except VhdTimeoutError as exc:
+        print(f"vhdcore: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except VhdError as exc:
+        print(f"vhdcore: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print("vhdcore: interrupted", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except OSError as exc:
+        print(f"vhdcore: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR

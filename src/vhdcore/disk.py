@@ -1,0 +1,695 @@
+"""One VHD file: open read-only through mmap, validate, give views of blocks;
+create fixed, dynamic and differencing files and write into them in a
+crash-consistent order.
+
+Reading never modifies the file.  Writing (``VhdFile.open(path,
+writable=True)`` or the ``create_*`` functions) follows this order for every
+new block:
+
+1. the footer is written at the new end of file first, so that a valid
+   primary footer exists at EOF at every moment;
+2. the block's data, then its sector bitmap;
+3. the BAT entry (after an fsync when ``durable`` is set);
+4. the footer copy at offset 0 when the footer changed.
+
+A crash therefore leaves at worst an unreferenced region, never a BAT entry
+pointing at unwritten data and never a file without a footer at EOF.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+import uuid as _uuid
+from collections.abc import Iterator
+from typing import Union
+
+import numpy as np
+
+from . import kernels
+from .errors import ChecksumError, FormatError, VhdError
+from .format import (
+    BAT_UNUSED,
+    DEFAULT_BLOCK_SIZE,
+    DISK_DIFFERENCING,
+    DISK_DYNAMIC,
+    DISK_FIXED,
+    FOOTER_SIZE,
+    HEADER_SIZE,
+    SECTOR,
+    DynamicHeader,
+    Footer,
+    ParentLocator,
+    bitmap_size_for,
+    decode_bat,
+    decode_locator_path,
+    encode_bat,
+    encode_locator_path,
+    vhd_timestamp,
+)
+
+__all__ = [
+    "VhdFile",
+    "create_fixed",
+    "create_dynamic",
+    "create_differencing",
+    "vhd_to_raw",
+    "PathLike",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: locator codes written into new differencing disks, in this order
+LOCATOR_CODES = (b"W2ku", b"W2ru", b"MacX")
+_MAX_LOCATOR_BYTES = 64 * 1024
+
+
+class VhdFile:
+    """A VHD file, open for reading (mmap) and optionally for writing.
+
+    Attributes describe the file as found: ``footer``, ``header`` (None for
+    fixed disks), ``bat`` (native uint32 array, one entry per block the
+    virtual size needs), ``block_size``, ``sectors_per_block``,
+    ``bitmap_size``, ``nblocks``, ``virtual_size``, ``footer_offset`` (where
+    the primary footer is, or would be) and ``primary_footer_ok`` (False when
+    the footer was taken from the copy at offset 0).
+    """
+
+    def __init__(self, path: PathLike, *, writable: bool = False, _fd: int | None = None) -> None:
+        self.path = os.fspath(path)
+        self.writable = writable
+        self._mm: mmap.mmap | None = None
+        self._mv: memoryview | None = None
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        try:
+            self._fd = _fd if _fd is not None else os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError as exc:
+            raise FormatError(f"{self.path}: no such file") from exc
+        except IsADirectoryError as exc:
+            raise FormatError(f"{self.path}: is a directory, not a VHD file") from exc
+        except OSError as exc:
+            raise VhdError(f"{self.path}: cannot open: {exc.strerror}") from exc
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ open
+    @classmethod
+    def open(cls, path: PathLike, *, writable: bool = False) -> "VhdFile":
+        return cls(path, writable=writable)
+
+    def __enter__(self) -> "VhdFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _unmap(self) -> None:
+        # views handed out (or held by a traceback) keep the mapping alive;
+        # then it is released when the last of them goes away
+        if self._mv is not None:
+            try:
+                self._mv.release()
+            except BufferError:
+                pass
+            self._mv = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass
+            self._mm = None
+
+    def close(self) -> None:
+        self._unmap()
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __repr__(self) -> str:
+        return f"<VhdFile {self.path!r} {self.footer.type_name} {self.virtual_size} bytes>"
+
+    def _map(self) -> None:
+        self._unmap()
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{self.path}: not a regular file")
+        self.file_size = st.st_size
+        if self.file_size:
+            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+            self._mv = memoryview(self._mm)
+        else:
+            self._mv = memoryview(b"")
+
+    @property
+    def mv(self) -> memoryview:
+        assert self._mv is not None, "file is closed"
+        return self._mv
+
+    def _load(self) -> None:
+        self._map()
+        size = self.file_size
+        if size < FOOTER_SIZE - 1:
+            raise FormatError(f"{self.path}: {size} bytes is too small for a VHD (truncated?)")
+        mv = self.mv
+        self.primary_footer_ok = True
+        self.footer_offset = size - FOOTER_SIZE
+        try:
+            self.footer = Footer.parse(mv[size - FOOTER_SIZE :] if size >= FOOTER_SIZE
+                                       else mv[size - 511 :], source=self.path,
+                                       offset=max(0, size - FOOTER_SIZE))
+        except FormatError as primary_err:
+            footer = None
+            # very old files: a 511-byte footer
+            if size >= 511 and bytes(mv[size - 511 : size - 503]) == b"conectix":
+                try:
+                    footer = Footer.parse(mv[size - 511 :], source=self.path, offset=size - 511)
+                    self.footer_offset = size - 511
+                except FormatError:
+                    footer = None
+            if footer is None:
+                # a damaged primary footer: dynamic disks keep a copy at offset 0
+                try:
+                    footer = Footer.parse(mv[:FOOTER_SIZE], source=self.path, offset=0)
+                except FormatError:
+                    raise primary_err from None
+                if footer.disk_type == DISK_FIXED:
+                    raise primary_err from None
+                self.primary_footer_ok = False
+                # the primary footer would sit after the last block
+                self.footer_offset = size
+            self.footer = footer
+        f = self.footer
+        self.disk_type = f.disk_type
+        self.virtual_size = f.current_size
+        self.header: DynamicHeader | None = None
+        if f.disk_type == DISK_FIXED:
+            if f.current_size > self.footer_offset:
+                raise FormatError(
+                    f"{self.path}: fixed disk of {f.current_size} bytes but only "
+                    f"{self.footer_offset} bytes of data before the footer (truncated?)"
+                )
+            self.block_size = DEFAULT_BLOCK_SIZE
+            self.bitmap_size = 0
+            self.sectors_per_block = self.block_size // SECTOR
+            self.nblocks = -(-f.current_size // self.block_size)
+            self.bat = None
+            return
+        hoff = f.data_offset
+        if hoff + HEADER_SIZE > self.footer_offset:
+            raise FormatError(
+                f"{self.path}: dynamic header offset {hoff} + 1024 lies past the end of the "
+                f"data ({self.footer_offset} bytes; truncated?)"
+            )
+        self.header = h = DynamicHeader.parse(mv[hoff : hoff + HEADER_SIZE], source=self.path,
+                                              offset=hoff)
+        self.block_size = h.block_size
+        self.sectors_per_block = h.block_size // SECTOR
+        self.bitmap_size = bitmap_size_for(h.block_size)
+        self.nblocks = -(-f.current_size // h.block_size)
+        if h.max_table_entries < self.nblocks:
+            raise FormatError(
+                f"{self.path}: BAT has {h.max_table_entries} entries (dynamic header @28) but a "
+                f"virtual size of {f.current_size} needs {self.nblocks} blocks of {h.block_size}"
+            )
+        bat_end = h.table_offset + self.nblocks * 4
+        if bat_end > self.footer_offset:
+            raise FormatError(
+                f"{self.path}: BAT at offset {h.table_offset} with {self.nblocks} entries "
+                f"ends past the data ({self.footer_offset} bytes; truncated?)"
+            )
+        self.bat = decode_bat(mv[h.table_offset : bat_end], self.nblocks)
+        self._bat_dirty: set[int] = set()
+        self._validate_bat()
+        self._next_block = self._end_of_data()
+
+    def _needed_bytes(self, block: int) -> int:
+        """Bytes of data a block must have on disk (the last block may be short)."""
+        rest = self.virtual_size - block * self.block_size
+        need = min(self.block_size, rest)
+        return -(-need // SECTOR) * SECTOR
+
+    def _validate_bat(self) -> None:
+        bat = self.bat
+        assert bat is not None
+        alloc = np.nonzero(bat != BAT_UNUSED)[0]
+        if alloc.size == 0:
+            return
+        starts = bat[alloc].astype(np.uint64) * SECTOR
+        ends = starts + np.uint64(self.bitmap_size + self.block_size)
+        limit = self.footer_offset
+        bad = np.nonzero(ends > limit)[0]
+        for k in bad:
+            blk = int(alloc[k])
+            # tolerate a short last block (only the bytes the virtual size needs)
+            if int(starts[k]) + self.bitmap_size + self._needed_bytes(blk) <= limit:
+                continue
+            raise FormatError(
+                f"{self.path}: BAT entry {blk} points to sector {int(bat[blk])} (offset "
+                f"{int(starts[k])}); the block ends at {int(ends[k])}, past the end of the data "
+                f"at {limit}"
+            )
+
+    def _end_of_data(self) -> int:
+        """First byte after all metadata and blocks: where a new block goes."""
+        h = self.header
+        assert h is not None and self.bat is not None
+        end = max(FOOTER_SIZE, h.table_offset + (-(-self.nblocks * 4 // SECTOR)) * SECTOR,
+                  self.footer.data_offset + HEADER_SIZE)
+        for loc in h.locators:
+            if loc.used:
+                end = max(end, loc.data_offset + loc.space_bytes)
+        alloc = self.bat[self.bat != BAT_UNUSED]
+        if alloc.size:
+            end = max(end, int(alloc.max()) * SECTOR + self.bitmap_size + self.block_size)
+        return -(-end // SECTOR) * SECTOR
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def is_fixed(self) -> bool:
+        return self.disk_type == DISK_FIXED
+
+    @property
+    def is_differencing(self) -> bool:
+        return self.disk_type == DISK_DIFFERENCING
+
+    @property
+    def uuid(self) -> _uuid.UUID:
+        return self.footer.uuid
+
+    def block_sectors(self, block: int) -> int:
+        """Number of sectors of the virtual disk in ``block``."""
+        rest = self.virtual_size - block * self.block_size
+        if rest <= 0:
+            return 0
+        return min(self.sectors_per_block, -(-rest // SECTOR))
+
+    def block_offset(self, block: int) -> int | None:
+        """Byte offset of a block's sector bitmap, or None when unallocated."""
+        if self.bat is None:
+            raise FormatError(f"{self.path}: a fixed disk has no BAT")
+        if block < 0 or block >= self.nblocks:
+            return None
+        e = int(self.bat[block])
+        return None if e == BAT_UNUSED else e * SECTOR
+
+    def block_views(self, block: int) -> tuple[memoryview, memoryview] | None:
+        """(sector bitmap, data) views of an allocated block, or None."""
+        off = self.block_offset(block)
+        if off is None:
+            return None
+        n = self.block_sectors(block) * SECTOR
+        d = off + self.bitmap_size
+        return self.mv[off : off + self.bitmap_size], self.mv[d : d + n]
+
+    def fixed_view(self, offset: int, length: int) -> memoryview:
+        """A view of a fixed disk's data (clipped to the virtual size)."""
+        end = min(offset + length, self.virtual_size)
+        return self.mv[offset:end]
+
+    def allocated_blocks(self) -> np.ndarray:
+        """Indices of allocated blocks (all blocks for a fixed disk)."""
+        if self.bat is None:
+            return np.arange(self.nblocks, dtype=np.int64)
+        return np.nonzero(self.bat != BAT_UNUSED)[0]
+
+    def allocated_bytes(self) -> int:
+        """Bytes of virtual disk this file holds data for (set bitmap bits x 512;
+        for a fixed disk, its virtual size)."""
+        if self.bat is None:
+            return self.virtual_size
+        total = 0
+        for blk in self.allocated_blocks():
+            bm, _ = self.block_views(int(blk))  # type: ignore[misc]
+            total += kernels.bitmap_count(bm, self.block_sectors(int(blk)))
+        return total * SECTOR
+
+    def parent_locators(self) -> list[tuple[str, str]]:
+        """(code, path) of every used parent locator whose data lies in the file."""
+        out: list[tuple[str, str]] = []
+        if self.header is None:
+            return out
+        for loc in self.header.locators:
+            if not loc.used:
+                continue
+            if loc.data_length > _MAX_LOCATOR_BYTES or loc.data_length > loc.space_bytes + SECTOR:
+                raise FormatError(
+                    f"{self.path}: parent locator {loc.code!r} claims {loc.data_length} bytes "
+                    f"(space {loc.space_bytes})"
+                )
+            end = loc.data_offset + loc.data_length
+            if end > self.file_size:
+                raise FormatError(
+                    f"{self.path}: parent locator {loc.code!r} data at offset {loc.data_offset} "
+                    f"+ {loc.data_length} lies past the end of the file"
+                )
+            path = decode_locator_path(loc.code, bytes(self.mv[loc.data_offset : end]))
+            if path:
+                out.append((loc.code.decode("latin-1"), path))
+        return out
+
+    # ------------------------------------------------------------- reading
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes of this file's own virtual disk (a differencing disk's sectors
+        that live in its parent read as zero here; use a Chain to resolve them)."""
+        from .chain import Chain
+
+        return Chain.from_layers([self], owned=False).read(offset, length)
+
+    # ------------------------------------------------------------- writing
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise VhdError(f"{self.path}: opened read-only")
+        if not self.primary_footer_ok:
+            raise FormatError(
+                f"{self.path}: the primary footer is damaged; run 'vhdcore repair' first"
+            )
+
+    def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        while len(view):
+            n = os.pwrite(self._fd, view, offset)
+            if n <= 0:
+                raise OSError(f"short write at offset {offset}")
+            view = view[n:]
+            offset += n
+
+    def reserve(self, nbytes: int) -> int:
+        """Reserve ``nbytes`` (sector multiple) at the end of the data for new
+        blocks and write the footer after them at once, so the file always ends
+        with a valid footer.  Returns the offset of the reserved region."""
+        self._require_writable()
+        off = self._next_block
+        self._next_block += nbytes
+        self._pwrite(self.footer.pack(), self._next_block)
+        self.footer_offset = self._next_block
+        return off
+
+    def write_block(self, block: int, bitmap: bytes | bytearray | memoryview,
+                    data: bytes | bytearray | memoryview, *, offset: int | None = None) -> None:
+        """Write a whole block (bitmap + data of ``block_sectors(block)`` sectors).
+
+        An unallocated block is placed at ``offset`` (from :meth:`reserve`) or
+        at a freshly reserved place; its BAT entry is only recorded in memory
+        and written by :meth:`flush`.  Data is written before the bitmap.
+        """
+        self._require_writable()
+        if self.bat is None:
+            raise FormatError(f"{self.path}: write_block needs a dynamic or differencing disk")
+        if not 0 <= block < self.nblocks:
+            raise VhdError(f"{self.path}: block {block} is outside the disk ({self.nblocks} blocks)")
+        n = self.block_sectors(block) * SECTOR
+        if len(data) < n or len(bitmap) < self.bitmap_size:
+            raise VhdError(f"{self.path}: block {block} needs {n} data and "
+                           f"{self.bitmap_size} bitmap bytes")
+        cur = self.block_offset(block)
+        if cur is None:
+            if offset is None:
+                offset = self.reserve(self.bitmap_size + self.block_size)
+            cur = offset
+            pad = self.block_size - n
+            self._pwrite(memoryview(data)[:n], cur + self.bitmap_size)
+            if pad:
+                self._pwrite(bytes(pad), cur + self.bitmap_size + n)
+            self._pwrite(memoryview(bitmap)[: self.bitmap_size], cur)
+            self.bat[block] = cur // SECTOR
+            self._bat_dirty.add(block)
+        else:
+            self._pwrite(memoryview(data)[:n], cur + self.bitmap_size)
+            self._pwrite(memoryview(bitmap)[: self.bitmap_size], cur)
+
+    def write_sectors(self, sector: int, data: bytes | bytearray | memoryview) -> None:
+        """Write whole sectors at a virtual sector number.
+
+        For a differencing disk this marks the sectors as present in this file:
+        the caller is responsible for their full content (use
+        :meth:`vhdcore.chain.Chain.write` for unaligned writes).
+        """
+        self._require_writable()
+        data = memoryview(data).cast("B")
+        if len(data) % SECTOR:
+            raise VhdError(f"{self.path}: write of {len(data)} bytes is not whole sectors")
+        nsec = len(data) // SECTOR
+        if sector < 0 or (sector + nsec) * SECTOR > -(-self.virtual_size // SECTOR) * SECTOR:
+            raise VhdError(
+                f"{self.path}: write of {nsec} sectors at sector {sector} is past the virtual "
+                f"size {self.virtual_size}"
+            )
+        if self.is_fixed:
+            self._pwrite(data, sector * SECTOR)
+            return
+        spb = self.sectors_per_block
+        pos = 0
+        while pos < nsec:
+            s = sector + pos
+            blk, first = divmod(s, spb)
+            count = min(nsec - pos, spb - first)
+            chunk = data[pos * SECTOR : (pos + count) * SECTOR]
+            off = self.block_offset(blk)
+            if off is None:
+                bitmap = bytearray(self.bitmap_size)
+                buf = bytearray(self.block_sectors(blk) * SECTOR)
+                buf[first * SECTOR : (first + count) * SECTOR] = chunk
+                _set_bits(bitmap, first, count)
+                self.write_block(blk, bitmap, buf)
+            else:
+                self._pwrite(chunk, off + self.bitmap_size + first * SECTOR)
+                bm = bytearray(self.mv[off : off + self.bitmap_size])
+                _set_bits(bm, first, count)
+                self._pwrite(bm, off)
+            pos += count
+        self.flush(durable=False)
+
+    def flush(self, *, durable: bool = True) -> None:
+        """Write dirty BAT sectors (after the data is durable when ``durable``),
+        then make sure the footer is at EOF and its copy at offset 0."""
+        if not self.writable or self.bat is None:
+            if self.writable and durable:
+                os.fsync(self._fd)
+            return
+        if self._bat_dirty:
+            if durable:
+                os.fsync(self._fd)
+            h = self.header
+            assert h is not None
+            raw = encode_bat(self.bat)
+            sectors = sorted({b * 4 // SECTOR for b in self._bat_dirty})
+            # write runs of consecutive dirty BAT sectors
+            i = 0
+            while i < len(sectors):
+                j = i
+                while j + 1 < len(sectors) and sectors[j + 1] == sectors[j] + 1:
+                    j += 1
+                a, b = sectors[i] * SECTOR, (sectors[j] + 1) * SECTOR
+                self._pwrite(raw[a:b], h.table_offset + a)
+                i = j + 1
+            self._bat_dirty.clear()
+        if durable:
+            os.fsync(self._fd)
+        self._map()
+
+    def write_footer(self, footer: Footer, *, durable: bool = True) -> None:
+        """Replace the footer: primary at EOF first, then the copy at offset 0."""
+        self._require_writable()
+        raw = footer.pack()
+        self._pwrite(raw, self.footer_offset)
+        if durable:
+            os.fsync(self._fd)
+        if not self.is_fixed:
+            self._pwrite(raw, 0)
+            if durable:
+                os.fsync(self._fd)
+        self.footer = footer
+
+    def write_header(self, header: DynamicHeader, *, durable: bool = True) -> None:
+        self._require_writable()
+        self._pwrite(header.pack(), self.footer.data_offset)
+        if durable:
+            os.fsync(self._fd)
+        self.header = header
+
+    def describe(self) -> dict[str, object]:
+        """The file's structures as plain data (``vhdcore info --json``)."""
+        f = self.footer
+        d: dict[str, object] = {
+            "path": self.path,
+            "file_size": self.file_size,
+            "type": f.type_name,
+            "virtual_size": f.current_size,
+            "original_size": f.original_size,
+            "uuid": str(f.uuid),
+            "timestamp": f.timestamp,
+            "creator_app": f.creator_app.decode("latin-1").rstrip("\0 ") or "",
+            "creator_version": f"0x{f.creator_version:08x}",
+            "creator_os": f.creator_os.decode("latin-1").rstrip("\0"),
+            "geometry": list(f.geometry),
+            "hidden": f.hidden,
+            "saved_state": f.saved_state,
+            "footer_offset": self.footer_offset,
+            "primary_footer_ok": self.primary_footer_ok,
+        }
+        h = self.header
+        if h is not None and self.bat is not None:
+            alloc = self.allocated_blocks()
+            d.update({
+                "block_size": h.block_size,
+                "bat_offset": h.table_offset,
+                "max_table_entries": h.max_table_entries,
+                "blocks": self.nblocks,
+                "allocated_blocks": int(alloc.size),
+                "allocated_bytes": self.allocated_bytes(),
+            })
+            if self.is_differencing:
+                try:
+                    locs = [{"code": c, "path": p} for c, p in self.parent_locators()]
+                except FormatError as exc:
+                    locs = [{"error": str(exc)}]
+                d.update({
+                    "parent_uuid": str(h.parent_uuid_obj),
+                    "parent_timestamp": h.parent_timestamp,
+                    "parent_name": h.parent_name,
+                    "parent_locators": locs,
+                })
+        return d
+
+    def iter_allocated(self) -> Iterator[int]:
+        for b in self.allocated_blocks():
+            yield int(b)
+
+
+def _set_bits(bitmap: bytearray, first: int, count: int) -> None:
+    for s in range(first, first + count):
+        bitmap[s >> 3] |= 0x80 >> (s & 7)
+
+
+# ---------------------------------------------------------------- creating
+def _layout_dynamic(size: int, block_size: int, locator_blobs: list[tuple[bytes, bytes]]
+                    ) -> tuple[int, int, list[ParentLocator], int]:
+    """Offsets for a new dynamic/differencing file: (header, BAT, locators, first block)."""
+    header_off = FOOTER_SIZE
+    bat_off = header_off + HEADER_SIZE
+    nblocks = -(-size // block_size)
+    bat_bytes = -(-nblocks * 4 // SECTOR) * SECTOR
+    pos = bat_off + bat_bytes
+    locs = []
+    for code, blob in locator_blobs:
+        space = max(SECTOR, -(-len(blob) // SECTOR) * SECTOR)
+        locs.append(ParentLocator(code=code, data_space=space, data_length=len(blob),
+                                  data_offset=pos))
+        pos += space
+    return header_off, bat_off, locs, pos
+
+
+def _check_new_size(size: int, block_size: int) -> None:
+    if size <= 0 or size % SECTOR:
+        raise VhdError(f"virtual size {size} must be a positive multiple of 512")
+    if block_size < SECTOR * 8 or block_size & (block_size - 1) or block_size > 256 * 1024 * 1024:
+        raise VhdError(f"block size {block_size} must be a power of two from 4 KiB to 256 MiB")
+    if size > 2040 * 1024**3:
+        raise VhdError(f"virtual size {size} exceeds the VHD limit of 2040 GiB")
+
+
+def _write_new_dynamic(path: str, footer: Footer, header: DynamicHeader,
+                       blobs: list[bytes], first_block: int, exclusive: bool) -> VhdFile:
+    flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o644)
+    try:
+        nblocks = -(-footer.current_size // header.block_size)
+        bat = np.full(nblocks, BAT_UNUSED, dtype=np.uint32)
+        os.pwrite(fd, footer.pack(), 0)
+        os.pwrite(fd, header.pack(), FOOTER_SIZE)
+        os.pwrite(fd, encode_bat(bat), header.table_offset)
+        for loc, blob in zip(header.locators, blobs):
+            os.pwrite(fd, blob.ljust(loc.space_bytes, b"\0"), loc.data_offset)
+        os.pwrite(fd, footer.pack(), first_block)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return VhdFile(path, writable=True, _fd=fd)
+
+
+def create_fixed(path: PathLike, size: int, *, exclusive: bool = False) -> VhdFile:
+    """Create a fixed VHD of ``size`` bytes (sparse on the host filesystem)."""
+    path = os.fspath(path)
+    _check_new_size(size, DEFAULT_BLOCK_SIZE)
+    footer = Footer.new(DISK_FIXED, size)
+    flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        os.pwrite(fd, footer.pack(), size)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return VhdFile(path, writable=True, _fd=fd)
+
+
+def create_dynamic(path: PathLike, size: int, *, block_size: int = DEFAULT_BLOCK_SIZE,
+                   exclusive: bool = False) -> VhdFile:
+    """Create an empty dynamic VHD of ``size`` virtual bytes."""
+    path = os.fspath(path)
+    _check_new_size(size, block_size)
+    header_off, bat_off, _, first = _layout_dynamic(size, block_size, [])
+    footer = Footer.new(DISK_DYNAMIC, size, data_offset=header_off)
+    header = DynamicHeader(table_offset=bat_off, max_table_entries=-(-size // block_size),
+                           block_size=block_size)
+    return _write_new_dynamic(path, footer, header, [], first, exclusive)
+
+
+def create_differencing(path: PathLike, parent: PathLike, *, size: int | None = None,
+                        block_size: int | None = None, exclusive: bool = False) -> VhdFile:
+    """Create a differencing VHD whose parent is ``parent``.
+
+    The parent is recorded by UUID, modification time, UTF-16BE name and
+    W2ku/W2ru/MacX locators holding the path relative to the child's directory.
+    """
+    path = os.fspath(path)
+    parent = os.fspath(parent)
+    with VhdFile.open(parent) as p:
+        psize = p.virtual_size
+        pblock = p.block_size
+        puuid = p.footer.unique_id
+        if p.is_fixed:
+            pblock = block_size or DEFAULT_BLOCK_SIZE
+    if block_size is not None and block_size != pblock:
+        raise VhdError(f"block size {block_size} differs from the parent's {pblock}")
+    size = size or psize
+    if size < psize:
+        raise VhdError(f"a child ({size} bytes) cannot be smaller than its parent ({psize} bytes)")
+    _check_new_size(size, pblock)
+    rel = os.path.relpath(os.path.abspath(parent), os.path.dirname(os.path.abspath(path)))
+    blobs = [(code, encode_locator_path(code, rel)) for code in LOCATOR_CODES]
+    header_off, bat_off, locs, first = _layout_dynamic(size, pblock, blobs)
+    footer = Footer.new(DISK_DIFFERENCING, size, data_offset=header_off)
+    header = DynamicHeader(
+        table_offset=bat_off, max_table_entries=-(-size // pblock), block_size=pblock,
+        parent_uuid=puuid, parent_timestamp=vhd_timestamp_of_file(parent),
+        parent_name=os.path.basename(parent), locators=tuple(locs),
+    )
+    return _write_new_dynamic(path, footer, header, [b for _, b in blobs], first, exclusive)
+
+
+def vhd_timestamp_of_file(path: PathLike) -> int:
+    """A file's modification time as a VHD timestamp (what blktap records as
+    the parent time stamp)."""
+    import datetime as _dt
+
+    mtime = os.stat(path).st_mtime
+    return vhd_timestamp(_dt.datetime.fromtimestamp(mtime, _dt.timezone.utc))
+
+
+def vhd_to_raw(vhd_path: PathLike, raw_path: PathLike, *, allowed_dirs: list[PathLike] | None = None
+               ) -> int:
+    """Write the virtual disk of ``vhd_path`` (through its chain) as a raw file,
+    sparse where blocks read as zero.  Returns the virtual size."""
+    from .chain import Chain
+
+    with Chain.open(vhd_path, allowed_dirs=allowed_dirs) as chain:
+        return chain.copy_to_raw(raw_path)
+
+
+__all__ += ["vhd_timestamp_of_file", "ChecksumError"]
