@@ -66,24 +66,6 @@ def _add_chain_options(p: argparse.ArgumentParser) -> None:
                    help="follow parent locators that hold absolute paths (still confined)")
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Callable[[int], None] | None:
-    """A callback advancing a tqdm bar on a terminal, or None."""
-    if not enabled or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is optional
-        return None
-    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-               file=sys.stderr, leave=False)
-
-    def advance(done: int) -> None:
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-    return advance
-
-
 # ------------------------------------------------------------------ info
 @_command("info")
 def _info(ns: argparse.Namespace) -> int:
@@ -209,6 +191,78 @@ def _write(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_command("flatten")
+def _flatten(ns: argparse.Namespace) -> int:
+    from .coalesce import flatten
+
+    res = flatten(ns.leaf, ns.out, ns.format, threads=ns.threads,
+                  progress=_progress_pair("flatten", not ns.quiet),
+                  chain_options=_chain_options(ns))
+    print(f"flattened {ns.leaf} -> {res.path} ({res.format}): {res.blocks_stored} blocks, "
+          f"{human_size(res.sectors_stored * 512)} of data, {human_size(res.bytes_written)} written")
+    return EXIT_OK
+
+
+@_command("coalesce")
+def _coalesce(ns: argparse.Namespace) -> int:
+    from .coalesce import coalesce
+
+    res = coalesce(ns.child, relink_children=ns.relink or (), siblings=ns.sibling or (),
+                   timeout=ns.timeout, checkpoint_dir=ns.checkpoint_dir,
+                   progress=_progress_pair("coalesce", not ns.quiet, unit="blocks"),
+                   chain_options=_chain_options(ns))
+    print(f"coalesced {res.child} into {res.parent}: {res.blocks_merged} blocks, "
+          f"{human_size(res.sectors_written * 512)} written, "
+          f"{human_size(res.sectors_skipped_equal * 512)} already equal"
+          + (", parent grown" if res.grown else "") + (", resumed" if res.resumed else "")
+          + (f"; relinked {', '.join(res.relinked)}" if res.relinked else "")
+          + f" in {res.seconds:.2f} s. {res.child} can now be removed.")
+    return EXIT_OK
+
+
+@_command("compact")
+def _compact(ns: argparse.Namespace) -> int:
+    from .coalesce import compact
+
+    res = compact(ns.input, ns.out, progress=_progress_pair("compact", not ns.quiet))
+    print(f"compacted {ns.input} -> {res.path}: {res.blocks_stored} blocks kept, "
+          f"{human_size(os.path.getsize(res.path))}")
+    return EXIT_OK
+
+
+@_command("repair")
+def _repair(ns: argparse.Namespace) -> int:
+    from .coalesce import repair
+
+    if repair(ns.file):
+        print(f"{ns.file}: primary footer restored from the copy at offset 0")
+    else:
+        print(f"{ns.file}: primary footer is fine; nothing written")
+    return EXIT_OK
+
+
+def _progress_pair(desc: str, enabled: bool, unit: str = "B") -> Callable[[int, int], None] | None:
+    """A (done, total) callback that drives a tqdm bar on a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    state: dict[str, Any] = {}
+
+    def cb(done: int, total: int) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=total, desc=desc, unit=unit,
+                                      unit_scale=unit == "B", unit_divisor=1024,
+                                      file=sys.stderr, leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+    return cb
+
+
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -259,6 +313,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--offset", required=True, help="virtual byte offset (K/M/G suffixes)")
     s.add_argument("--from", dest="source", required=True, help="source file, or - for stdin")
     _add_chain_options(s)
+
+    s = sub.add_parser("flatten", help="write the chain as one standalone image (read once)")
+    s.add_argument("leaf")
+    s.add_argument("out")
+    s.add_argument("--format", choices=("vhd", "fixed", "raw"), default="vhd",
+                   help="vhd: sparse dynamic VHD without zero blocks (default)")
+    s.add_argument("--threads", type=int, default=2, help="merge threads (default 2)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_chain_options(s)
+
+    s = sub.add_parser("coalesce", help="merge a differencing disk into its parent, in place")
+    s.add_argument("child")
+    s.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="stop with a checkpoint after this long (exit 4; run again to resume)")
+    s.add_argument("--relink", nargs="+", metavar="GRANDCHILD",
+                   help="the child's own children, re-pointed to the parent afterwards")
+    s.add_argument("--sibling", action="append", metavar="VHD",
+                   help="another disk to treat as a child of the parent (refuses if it is)")
+    s.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="where the checkpoint lives (default: beside the child)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_chain_options(s)
+
+    s = sub.add_parser("compact", help="rewrite one VHD without its empty blocks")
+    s.add_argument("input")
+    s.add_argument("out")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("repair", help="restore a damaged primary footer from the copy at offset 0")
+    s.add_argument("file")
 
     for extra in _EXTRA_PARSERS:
         extra(sub)
