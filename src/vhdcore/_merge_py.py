@@ -66,7 +66,7 @@ def _store_bits(bitmap: np.ndarray, bits: np.ndarray) -> None:
     bitmap[:full] = packed[:full]
     if rem:
         mask = (0xFF << (8 - rem)) & 0xFF
-        bitmap[full] = (bitmap[full] & ~mask & 0xFF) | (packed[full] & mask)
+        bitmap[full] = (int(bitmap[full]) & (0xFF ^ mask)) | (int(packed[full]) & mask)
 
 
 def overlay(src_bitmap, src_data, out_bitmap, out_data, nsectors: int) -> int:
@@ -136,6 +136,8 @@ def find_runs(bitmap, nsectors: int, runs) -> int:
     r = np.frombuffer(runs, dtype=np.uint32)
     if not r.flags.writeable:
         raise ValueError("output buffer is read-only")
+    if nsectors > 0xFFFFFFFF:
+        raise ValueError(f"find_runs: {nsectors} sectors do not fit uint32 run entries")
     need = 2 * (nsectors // 2 + 1)
     if r.size < need:
         raise ValueError(f"runs buffer of {r.size} entries is too small, need {need}")
@@ -152,10 +154,10 @@ def find_runs(bitmap, nsectors: int, runs) -> int:
 def is_zero(data, offset: int = 0, length: int = -1) -> bool:
     """True when ``data[offset:offset+length]`` (to the end if length < 0) is all zeros."""
     d = _u8(data)
+    if offset < 0 or offset > len(d) or (length >= 0 and offset + length > len(d)):
+        raise ValueError(f"range {offset}+{length} is outside a buffer of {len(d)} bytes")
     if length < 0:
         length = len(d) - offset
-    if offset < 0 or offset + length > len(d):
-        raise ValueError(f"range {offset}+{length} is outside a buffer of {len(d)} bytes")
     return not bool(d[offset : offset + length].any())
 
 

@@ -343,13 +343,20 @@ def checkpoint_path(child: PathLike, checkpoint_dir: PathLike | None = None) -> 
 
 
 def _fingerprint_child(vhd: VhdFile) -> str:
-    """xxh3 of everything of the child that a coalesce depends on: footer,
-    header and BAT (the child is never modified by a coalesce)."""
+    """xxh3 of the child's footer, header, BAT and every sector bitmap, with
+    its size and modification time: a coalesce never modifies the child, so
+    any change means someone else wrote to it."""
     h = xxhash.xxh3_64()
     h.update(vhd.footer.pack())
     if vhd.header is not None and vhd.bat is not None:
         h.update(vhd.header.pack())
         h.update(vhd.bat.tobytes())
+        for blk in vhd.iter_allocated():
+            off = vhd.block_offset(blk)
+            assert off is not None
+            h.update(vhd.mv[off : off + vhd.bitmap_size])
+    st = os.fstat(vhd._fd)
+    h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 
@@ -678,16 +685,19 @@ def _merge_one(cvhd: VhdFile, pvhd: VhdFile, blk: int, cbm: bytearray, runs: np.
     views = cvhd.block_views(blk)
     assert views is not None
     cbm_view, cdata = views
-    n = min(cvhd.block_sectors(blk), pvhd.block_sectors(blk))
+    if pvhd.is_fixed:
+        # a fixed parent has no blocks: index it by the child's block size
+        base = blk * cvhd.block_size
+        n = min(cvhd.block_sectors(blk), max(0, (pvhd.virtual_size - base) // SECTOR))
+    else:
+        n = min(cvhd.block_sectors(blk), pvhd.block_sectors(blk))
     if n <= 0:
         return 0, 0, 0
     cbm[:] = cbm_view
     have = kernels.bitmap_count(cbm, n)
     if have == 0:
         return 0, 0, 0
-    bs = pvhd.block_size
     if pvhd.is_fixed:
-        base = blk * bs
         pview = pvhd.fixed_view(base, n * SECTOR)
         full = b"\xff" * ((n + 7) // 8)
         skipped = kernels.drop_equal_sectors(cbm, cdata, full, pview, n)
