@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from . import kernels
+from . import _io, kernels
 from .disk import PathLike, VhdFile
 from .errors import (
     ChainCycleError,
@@ -354,20 +354,20 @@ class Chain:
         tmp = path + ".part"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.ftruncate(fd, self.virtual_size)
+            _io.ftruncate(fd, self.virtual_size)
             for blk in self.allocated_blocks():
                 blk = int(blk)
                 n = self.block_sectors(blk) * SECTOR
                 n = min(n, self.virtual_size - blk * self.block_size)
                 if self.merge_block(blk, data, bm) and not kernels.is_zero(data, 0, n):
-                    _pwrite_all(fd, data[:n], blk * self.block_size)
-            os.fsync(fd)
+                    _io.pwrite_all(fd, data[:n], blk * self.block_size)
+            _io.fsync(fd)
         except BaseException:
             os.close(fd)
             os.unlink(tmp)
             raise
         os.close(fd)
-        os.replace(tmp, path)
+        _io.replace(tmp, path)
         return self.virtual_size
 
     # ---------------------------------------------------------------- writes
@@ -415,9 +415,3 @@ def _check_parent(child: VhdFile, parent: VhdFile) -> None:
         )
 
 
-def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
-    view = memoryview(data)
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from . import kernels
+from . import _io, kernels
 from ._version import __version__
 from .chain import Chain, aligned_buffer
 from .disk import PathLike, VhdFile, create_differencing
@@ -235,14 +235,6 @@ class FlattenResult:
     bytes_written: int
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:
-            raise OSError(f"short write at offset {offset}")
-        view = view[n:]
-        offset += n
 
 
 def flatten(leaf: PathLike, out: PathLike, format: str = "vhd", *, threads: int = 2,
@@ -271,20 +263,20 @@ def flatten(leaf: PathLike, out: PathLike, format: str = "vhd", *, threads: int 
             layout = DynamicLayout(vsize, chain.block_size) if format == "vhd" else None
             if format == "vhd":
                 assert layout is not None
-                os.ftruncate(fd, layout.data_start)
+                _io.ftruncate(fd, layout.data_start)
             else:
-                os.ftruncate(fd, vsize)
+                _io.ftruncate(fd, vsize)
             done = 0
             for blk in iter_image_blocks(chain, threads=threads, free_map=free_map):
                 if format == "vhd":
                     assert layout is not None
                     off = layout.block_offset(len(stored))
-                    _pwrite_all(fd, blk.bitmap[: layout.bitmap_size], off)
-                    _pwrite_all(fd, blk.data, off + layout.bitmap_size)
+                    _io.pwrite_all(fd, blk.bitmap[: layout.bitmap_size], off)
+                    _io.pwrite_all(fd, blk.data, off + layout.bitmap_size)
                     written += layout.block_stride
                 else:
                     n = min(blk.nsectors * SECTOR, vsize - blk.index * chain.block_size)
-                    _pwrite_all(fd, blk.data[:n], blk.index * chain.block_size)
+                    _io.pwrite_all(fd, blk.data[:n], blk.index * chain.block_size)
                     written += n
                 stored.append(blk.index)
                 sectors += blk.sectors_set
@@ -293,17 +285,17 @@ def flatten(leaf: PathLike, out: PathLike, format: str = "vhd", *, threads: int 
                     progress(done, total)
             if format == "vhd":
                 assert layout is not None
-                _pwrite_all(fd, layout.head(stored), 0)
-                _pwrite_all(fd, layout.tail(), layout.block_offset(len(stored)))
+                _io.pwrite_all(fd, layout.head(stored), 0)
+                _io.pwrite_all(fd, layout.tail(), layout.block_offset(len(stored)))
             elif format == "fixed":
-                _pwrite_all(fd, Footer.new(DISK_FIXED, vsize).pack(), vsize)
-            os.fsync(fd)
+                _io.pwrite_all(fd, Footer.new(DISK_FIXED, vsize).pack(), vsize)
+            _io.fsync(fd)
         except BaseException:
             os.close(fd)
             _unlink_quiet(tmp)
             raise
         os.close(fd)
-        os.replace(tmp, out)
+        _io.replace(tmp, out)
         _fsync_dir(out)
         if progress is not None:
             progress(total, total)
@@ -323,7 +315,7 @@ def _fsync_dir(path: str) -> None:
     except OSError:
         return
     try:
-        os.fsync(dfd)
+        _io.fsync(dfd)
     except OSError:
         pass
     finally:
@@ -375,8 +367,8 @@ def _write_json_atomic(path: str, obj: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        _io.fsync(f.fileno())
+    _io.replace(tmp, path)
     _fsync_dir(path)
 
 
@@ -446,9 +438,9 @@ def _grow_parent(parent: VhdFile, new_size: int) -> None:
         # the new footer at the new end first, then zero the old footer's
         # place, which becomes data (a resumed coalesce repeats this)
         parent._pwrite(new_footer.pack(), new_size)
-        os.fsync(parent._fd)
+        _io.fsync(parent._fd)
         parent._pwrite(bytes(FOOTER_SIZE), old)
-        os.fsync(parent._fd)
+        _io.fsync(parent._fd)
         parent.footer = new_footer
         parent.footer_offset = new_size
         parent.virtual_size = new_size
@@ -463,7 +455,7 @@ def _grow_parent(parent: VhdFile, new_size: int) -> None:
         raw = encode_bat(bat)
         off = parent.reserve(len(raw))
         parent._pwrite(raw, off)
-        os.fsync(parent._fd)
+        _io.fsync(parent._fd)
         parent.write_header(h.with_(table_offset=off, max_table_entries=nblocks))
     else:
         bat = np.full(nblocks, BAT_UNUSED, dtype=np.uint32)
@@ -600,7 +592,7 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict | None, cpath: str,
         elif pvhd.is_fixed:
             # the new footer was written; make sure the old one's place reads zero
             pvhd._pwrite(bytes(FOOTER_SIZE), grow_from)
-            os.fsync(pvhd._fd)
+            _io.fsync(pvhd._fd)
         state.update(stage="merging", parent_fingerprints=[_fingerprint_parent(pvhd)])
         state.pop("grow_from", None)
         state.pop("grow_to", None)
@@ -795,7 +787,7 @@ def relink(grandchild: PathLike, new_parent: PathLike, *,
         while len(locs) < 8:
             locs.append(ParentLocator(code=b"\0\0\0\0", data_space=0, data_length=0,
                                       data_offset=0))
-        os.fsync(g._fd)
+        _io.fsync(g._fd)
         g.write_header(h.with_(parent_uuid=puuid,
                                parent_timestamp=vhd_timestamp_of_file(new_parent),
                                parent_name=os.path.basename(new_parent), locators=tuple(locs)))
@@ -844,7 +836,7 @@ def compact(vhd: PathLike, out: PathLike, *, threads: int = 2,
             with open(tmp, "r+b") as f:
                 fdn = f.fileno()
                 for (loc, blob), nl in zip(locs_blobs, new_locs):
-                    _pwrite_all(fdn, blob.ljust(nl.space_bytes, b"\0"), nl.data_offset)
+                    _io.pwrite_all(fdn, blob.ljust(nl.space_bytes, b"\0"), nl.data_offset)
                 total = src.nblocks
                 for blk in src.iter_allocated():
                     bm, data = src.block_views(blk)  # type: ignore[misc]
@@ -853,8 +845,8 @@ def compact(vhd: PathLike, out: PathLike, *, threads: int = 2,
                     if c == 0:
                         continue
                     off = data_start + len(stored) * layout.block_stride
-                    _pwrite_all(fdn, bm, off)
-                    _pwrite_all(fdn, bytes(data).ljust(src.block_size, b"\0"),
+                    _io.pwrite_all(fdn, bm, off)
+                    _io.pwrite_all(fdn, bytes(data).ljust(src.block_size, b"\0"),
                                 off + layout.bitmap_size)
                     stored.append(blk)
                     n_sectors += c
@@ -871,13 +863,13 @@ def compact(vhd: PathLike, out: PathLike, *, threads: int = 2,
                                  locators=tuple(new_locs) + tuple(
                                      ParentLocator(b"\0\0\0\0", 0, 0, 0)
                                      for _ in range(8 - len(new_locs))))
-                _pwrite_all(fdn, footer.pack() + header.pack() + encode_bat(bat), 0)
-                _pwrite_all(fdn, footer.pack(), data_start + len(stored) * layout.block_stride)
-                os.fsync(fdn)
+                _io.pwrite_all(fdn, footer.pack() + header.pack() + encode_bat(bat), 0)
+                _io.pwrite_all(fdn, footer.pack(), data_start + len(stored) * layout.block_stride)
+                _io.fsync(fdn)
         except BaseException:
             _unlink_quiet(tmp)
             raise
-        os.replace(tmp, out)
+        _io.replace(tmp, out)
         _fsync_dir(out)
         return FlattenResult(out, "vhd", src.virtual_size, len(stored), n_sectors,
                              os.path.getsize(out))
@@ -897,10 +889,10 @@ def repair(vhd: PathLike) -> bool:
     fd = os.open(vhd, os.O_RDWR)
     try:
         # the footer right after the last block, then cut what follows
-        _pwrite_all(fd, footer.pack(), end)
-        os.fsync(fd)
-        os.ftruncate(fd, end + FOOTER_SIZE)
-        os.fsync(fd)
+        _io.pwrite_all(fd, footer.pack(), end)
+        _io.fsync(fd)
+        _io.ftruncate(fd, end + FOOTER_SIZE)
+        _io.fsync(fd)
     finally:
         os.close(fd)
     with VhdFile.open(vhd) as v:

@@ -26,7 +26,7 @@ from typing import Union
 
 import numpy as np
 
-from . import kernels
+from . import _io, kernels
 from .errors import ChecksumError, FormatError, VhdError
 from .format import (
     BAT_UNUSED,
@@ -368,13 +368,7 @@ class VhdFile:
             )
 
     def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        view = memoryview(data)
-        while len(view):
-            n = os.pwrite(self._fd, view, offset)
-            if n <= 0:
-                raise OSError(f"short write at offset {offset}")
-            view = view[n:]
-            offset += n
+        _io.pwrite_all(self._fd, data, offset)
 
     def reserve(self, nbytes: int) -> int:
         """Reserve ``nbytes`` (sector multiple) at the end of the data for new
@@ -467,11 +461,11 @@ class VhdFile:
         then make sure the footer is at EOF and its copy at offset 0."""
         if not self.writable or self.bat is None:
             if self.writable and durable:
-                os.fsync(self._fd)
+                _io.fsync(self._fd)
             return
         if self._bat_dirty:
             if durable:
-                os.fsync(self._fd)
+                _io.fsync(self._fd)
             h = self.header
             assert h is not None
             raw = encode_bat(self.bat)
@@ -487,7 +481,7 @@ class VhdFile:
                 i = j + 1
             self._bat_dirty.clear()
         if durable:
-            os.fsync(self._fd)
+            _io.fsync(self._fd)
         self._map()
 
     def write_footer(self, footer: Footer, *, durable: bool = True) -> None:
@@ -496,18 +490,18 @@ class VhdFile:
         raw = footer.pack()
         self._pwrite(raw, self.footer_offset)
         if durable:
-            os.fsync(self._fd)
+            _io.fsync(self._fd)
         if not self.is_fixed:
             self._pwrite(raw, 0)
             if durable:
-                os.fsync(self._fd)
+                _io.fsync(self._fd)
         self.footer = footer
 
     def write_header(self, header: DynamicHeader, *, durable: bool = True) -> None:
         self._require_writable()
         self._pwrite(header.pack(), self.footer.data_offset)
         if durable:
-            os.fsync(self._fd)
+            _io.fsync(self._fd)
         self.header = header
 
     def describe(self) -> dict[str, object]:
@@ -598,13 +592,13 @@ def _write_new_dynamic(path: str, footer: Footer, header: DynamicHeader,
     try:
         nblocks = -(-footer.current_size // header.block_size)
         bat = np.full(nblocks, BAT_UNUSED, dtype=np.uint32)
-        os.pwrite(fd, footer.pack(), 0)
-        os.pwrite(fd, header.pack(), FOOTER_SIZE)
-        os.pwrite(fd, encode_bat(bat), header.table_offset)
+        _io.pwrite_all(fd, footer.pack(), 0)
+        _io.pwrite_all(fd, header.pack(), FOOTER_SIZE)
+        _io.pwrite_all(fd, encode_bat(bat), header.table_offset)
         for loc, blob in zip(header.locators, blobs):
-            os.pwrite(fd, blob.ljust(loc.space_bytes, b"\0"), loc.data_offset)
-        os.pwrite(fd, footer.pack(), first_block)
-        os.fsync(fd)
+            _io.pwrite_all(fd, blob.ljust(loc.space_bytes, b"\0"), loc.data_offset)
+        _io.pwrite_all(fd, footer.pack(), first_block)
+        _io.fsync(fd)
     except BaseException:
         os.close(fd)
         raise
@@ -619,9 +613,9 @@ def create_fixed(path: PathLike, size: int, *, exclusive: bool = False) -> VhdFi
     flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
     fd = os.open(path, flags, 0o644)
     try:
-        os.ftruncate(fd, size)
-        os.pwrite(fd, footer.pack(), size)
-        os.fsync(fd)
+        _io.ftruncate(fd, size)
+        _io.pwrite_all(fd, footer.pack(), size)
+        _io.fsync(fd)
     except BaseException:
         os.close(fd)
         raise

@@ -1,0 +1,116 @@
+"""The one place where vhdcore writes to files.
+
+Every write, fsync, truncate and rename of the engine goes through these
+functions, so that tests can inject faults (EIO, ENOSPC, short writes, a
+stop at the Nth operation) with :func:`inject` and prove that no input is
+damaged and no output claims to be complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+__all__ = ["pwrite_all", "fsync", "ftruncate", "replace", "unlink", "FaultPlan", "inject",
+           "SimulatedCrash"]
+
+
+class SimulatedCrash(BaseException):
+    """Raised by an injected stop: like a crash, nothing after it runs
+    normally (a BaseException, so ordinary error handling does not catch it)."""
+
+
+@dataclass
+class FaultPlan:
+    """Fail the ``at``-th operation (1-based, counting writes, fsyncs,
+    truncates and renames) with ``kind``: ``"eio"``, ``"enospc"``,
+    ``"short"`` (a write that stores only half its bytes, then fails) or
+    ``"stop"`` (:class:`SimulatedCrash`).  ``count`` records how many
+    operations were seen (run once with ``at=0`` to count them)."""
+
+    at: int = 0
+    kind: str = "eio"
+    count: int = 0
+    fired: bool = False
+    ops: list[str] = field(default_factory=list)
+
+
+_plan: FaultPlan | None = None
+_lock = threading.Lock()
+
+
+def _tick(op: str) -> FaultPlan | None:
+    plan = _plan
+    if plan is None:
+        return None
+    with _lock:
+        plan.count += 1
+        plan.ops.append(op)
+        if plan.at and plan.count == plan.at and not plan.fired:
+            plan.fired = True
+            return plan
+    return None
+
+
+def _fail(plan: FaultPlan, op: str) -> None:
+    if plan.kind == "stop":
+        raise SimulatedCrash(f"injected stop at operation {plan.count} ({op})")
+    code = errno.ENOSPC if plan.kind == "enospc" else errno.EIO
+    raise OSError(code, f"{os.strerror(code)} (injected at operation {plan.count}, {op})")
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (looping over short writes)."""
+    view = memoryview(data).cast("B")
+    plan = _tick("pwrite")
+    if plan is not None:
+        if plan.kind == "short" and len(view) > 1:
+            os.pwrite(fd, view[: len(view) // 2], offset)
+            raise OSError(errno.EIO, f"short write (injected at operation {plan.count})")
+        _fail(plan, "pwrite")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, f"write of {len(view)} bytes at {offset} wrote nothing")
+        view = view[n:]
+        offset += n
+
+
+def fsync(fd: int) -> None:
+    plan = _tick("fsync")
+    if plan is not None:
+        _fail(plan, "fsync")
+    os.fsync(fd)
+
+
+def ftruncate(fd: int, size: int) -> None:
+    plan = _tick("ftruncate")
+    if plan is not None:
+        _fail(plan, "ftruncate")
+    os.ftruncate(fd, size)
+
+
+def replace(src: str, dst: str) -> None:
+    plan = _tick("replace")
+    if plan is not None:
+        _fail(plan, "replace")
+    os.replace(src, dst)
+
+
+def unlink(path: str) -> None:
+    os.unlink(path)
+
+
+@contextlib.contextmanager
+def inject(plan: FaultPlan) -> Iterator[FaultPlan]:
+    """Apply a fault plan to every write operation in this process."""
+    global _plan
+    old = _plan
+    _plan = plan
+    try:
+        yield plan
+    finally:
+        _plan = old
