@@ -239,12 +239,13 @@ class FlattenResult:
 
 def flatten(leaf: PathLike, out: PathLike, format: str = "vhd", *, threads: int = 2,
             progress: Progress | None = None, free_map: FreeMap | None = None,
-            chain_options: dict | None = None) -> FlattenResult:
+            chain_options: dict | None = None, durable: bool = True) -> FlattenResult:
     """Write the leaf's whole virtual disk, read once through its chain, as one
     standalone image: ``"vhd"`` (sparse dynamic VHD: no all-zero block, bitmap
     bits only for sectors with data), ``"fixed"`` (fixed VHD) or ``"raw"``.
 
-    The output is written to ``out + ".part"`` and renamed when complete.
+    The output is written to ``out + ".part"`` and renamed when complete
+    (after an fsync unless ``durable`` is False).
     """
     if format not in ("vhd", "fixed", "raw"):
         raise VhdError(f"unknown output format {format!r} (vhd, fixed or raw)")
@@ -289,7 +290,8 @@ def flatten(leaf: PathLike, out: PathLike, format: str = "vhd", *, threads: int 
                 _io.pwrite_all(fd, layout.tail(), layout.block_offset(len(stored)))
             elif format == "fixed":
                 _io.pwrite_all(fd, Footer.new(DISK_FIXED, vsize).pack(), vsize)
-            _io.fsync(fd)
+            if durable:
+                _io.fsync(fd)
         except BaseException:
             os.close(fd)
             _unlink_quiet(tmp)
@@ -471,7 +473,8 @@ def coalesce(child: PathLike, *, relink_children: Sequence[PathLike] = (),
              siblings: Sequence[PathLike] = (), deadline: float | None = None,
              timeout: float | None = None, checkpoint_dir: PathLike | None = None,
              progress: Progress | None = None, batch_blocks: int = 64,
-             chain_options: dict | None = None, skip_space_check: bool = False) -> CoalesceResult:
+             chain_options: dict | None = None, skip_space_check: bool = False,
+             durable: bool = True) -> CoalesceResult:
     """Merge the differencing disk ``child`` into its immediate parent, in place.
 
     Per sector: the parent's bitmap is ORed with the child's and the child's
@@ -491,6 +494,10 @@ def coalesce(child: PathLike, *, relink_children: Sequence[PathLike] = (),
     the checkpoint and refuses (``CheckpointError``) when either file changed
     meanwhile.  Afterwards the disks in ``relink_children`` (the child's own
     children) are re-pointed to the parent; the child can then be deleted.
+
+    ``durable=False`` skips the fsyncs at checkpoints: the write order still
+    protects against the process dying, but not against losing power (for
+    benchmarks in the page cache and scratch copies).
     """
     t0 = time.monotonic()
     if timeout is not None:
@@ -523,7 +530,7 @@ def coalesce(child: PathLike, *, relink_children: Sequence[PathLike] = (),
         raise
     try:
         return _coalesce_open(cvhd, pvhd, ck, cpath, relink_children, siblings, deadline,
-                              progress, batch_blocks, t0, skip_space_check)
+                              progress, batch_blocks, t0, skip_space_check, durable)
     finally:
         pvhd.close()
         cvhd.close()
@@ -532,7 +539,7 @@ def coalesce(child: PathLike, *, relink_children: Sequence[PathLike] = (),
 def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict | None, cpath: str,
                    relink_children: Sequence[PathLike], siblings: Sequence[PathLike],
                    deadline: float | None, progress: Progress | None, batch_blocks: int,
-                   t0: float, skip_space_check: bool) -> CoalesceResult:
+                   t0: float, skip_space_check: bool, durable: bool = True) -> CoalesceResult:
     child_fp = _fingerprint_child(cvhd)
     assert cvhd.header is not None and cvhd.bat is not None
     resumed = ck is not None
@@ -611,7 +618,7 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict | None, cpath: str,
     interrupted: BaseException | None = None
 
     def checkpoint(next_block: int) -> None:
-        pvhd.flush(durable=True)
+        pvhd.flush(durable=durable)
         state["next_block"] = next_block
         _write_json_atomic(cpath, state)
 
@@ -649,7 +656,7 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict | None, cpath: str,
             if progress is not None:
                 progress(done_before + i + 1, total)
         else:
-            pvhd.flush(durable=True)
+            pvhd.flush(durable=durable)
             state["stage"] = "merged"
             state["next_block"] = cvhd.nblocks
             _write_json_atomic(cpath, state)
