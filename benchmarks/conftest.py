@@ -23,11 +23,3 @@ def workloads(tmp_path_factory):
                                     layers=3 if kind != "scattered" else 2, seed=1)
         return made[kind]
     return get
-
-
-def gbps(benchmark, nbytes: int) -> None:
-    """Record bytes processed so results read as GB/s (stats in seconds)."""
-    benchmark.extra_info["bytes"] = nbytes
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None and stats.stats.median:
-        benchmark.extra_info["GB/s"] = round(nbytes / stats.stats.median / 1e9, 3)

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import gbps
+from _benchutil import gbps
 from vhdcore.chain import Chain
 from vhdcore.coalesce import coalesce, flatten
 

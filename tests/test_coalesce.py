@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _builders import build_chain, read_all
-from conftest import fixture_params, have_tool
+from _helpers import fixture_params, have_tool
 from vhdcore.chain import Chain
 from vhdcore.check import check_chain, check_file
 from vhdcore.coalesce import checkpoint_path, coalesce, compact, flatten, repair

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import fixture_params
+from _helpers import fixture_params
 from vhdcore.chain import Chain
 
 

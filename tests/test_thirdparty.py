@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from _builders import build_chain, read_all
-from conftest import have_tool
+from _helpers import have_tool
 from vhdcore.chain import Chain
 from vhdcore.disk import create_dynamic, create_fixed
 

@@ -197,7 +197,7 @@ def _flatten(ns: argparse.Namespace) -> int:
 
     res = flatten(ns.leaf, ns.out, ns.format, threads=ns.threads,
                   progress=_progress_pair("flatten", not ns.quiet),
-                  chain_options=_chain_options(ns))
+                  chain_options=_chain_options(ns), fs_aware=ns.fs_aware)
     print(f"flattened {ns.leaf} -> {res.path} ({res.format}): {res.blocks_stored} blocks, "
           f"{human_size(res.sectors_stored * 512)} of data, {human_size(res.bytes_written)} written")
     return EXIT_OK
@@ -263,6 +263,138 @@ def _progress_pair(desc: str, enabled: bool, unit: str = "B") -> Callable[[int, 
     return cb
 
 
+def _job_progress(ns: argparse.Namespace) -> Callable[[Any], None] | None:
+    """--json: one JSON event per line on stdout; a terminal: a progress bar."""
+    if getattr(ns, "json", False):
+        def emit(ev: Any) -> None:
+            sys.stdout.write(json.dumps({"event": "progress", **ev.to_json()}) + "\n")
+            sys.stdout.flush()
+        return emit
+    if getattr(ns, "quiet", False) or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    state: dict[str, Any] = {}
+
+    def bar_cb(ev: Any) -> None:
+        bar = state.get("bar")
+        if bar is None or state.get("stage") != ev.stage:
+            if bar is not None:
+                bar.close()
+            bar = state["bar"] = tqdm(total=max(1, ev.bytes_total), unit="B", unit_scale=True,
+                                      unit_divisor=1024, file=sys.stderr, leave=False,
+                                      desc=f"{ev.percent:3d}% {ev.stage}")
+            state["stage"] = ev.stage
+        bar.update(max(0, ev.bytes_done - bar.n))
+        if ev.stage in ("done", "failed"):
+            bar.close()
+    return bar_cb
+
+
+def _image_exit(exc: BaseException) -> int:
+    from .errors import StoreError
+
+    if isinstance(exc, VhdTimeoutError):
+        return EXIT_TIMEOUT
+    if isinstance(exc, (StoreError, OSError)):
+        return EXIT_FAILED
+    return EXIT_ERROR
+
+
+@_command("image")
+def _image(ns: argparse.Namespace) -> int:
+    from .imaging import create_image
+
+    try:
+        res = create_image(
+            ns.leaf, ns.to, threads=ns.threads, concurrency=ns.concurrency,
+            segment_size=parse_size(ns.segment_size) if ns.segment_size else None,
+            timeout=ns.timeout, coalesce_timeout=ns.coalesce_timeout, resume=ns.resume,
+            restart=ns.restart, state_dir=ns.state_dir, progress=_job_progress(ns),
+            fs_aware=ns.fs_aware, chain_options=_chain_options(ns))
+    except (VhdError, OSError) as exc:
+        code = _image_exit(exc)
+        if ns.json:
+            print(json.dumps({"event": "error", "exit_code": code, "error": type(exc).__name__,
+                              "message": str(exc)}))
+        print(f"vhdcore: {'error: ' if code != EXIT_TIMEOUT else ''}{exc}", file=sys.stderr)
+        if code == EXIT_FAILED:
+            print("vhdcore: the job state was kept; run the same command with --resume to "
+                  "continue once the target is reachable", file=sys.stderr)
+        return code
+    if ns.json:
+        from dataclasses import asdict
+
+        print(json.dumps({"event": "result", **asdict(res)}))
+    else:
+        print(f"image stored at {res.url}: {human_size(res.virtual_size)} virtual, "
+              f"{res.blocks_stored} blocks, {human_size(res.stream_size)} stream -> "
+              f"{human_size(res.compressed_size)} in {res.segments} segments "
+              f"({res.segments_skipped} already there) in {res.seconds:.1f} s")
+    return EXIT_OK
+
+
+@_command("restore")
+def _restore(ns: argparse.Namespace) -> int:
+    from .store import restore
+
+    try:
+        man = restore(ns.url, ns.out, format=ns.format, concurrency=ns.concurrency)
+    except (VhdError, OSError) as exc:
+        code = _image_exit(exc)
+        print(f"vhdcore: error: {exc}", file=sys.stderr)
+        return code if code != EXIT_ERROR else EXIT_ERROR
+    if ns.json:
+        print(json.dumps({"event": "result", "out": ns.out, "format": ns.format,
+                          "segments": len(man.segments), "metadata": dict(man.metadata)}))
+    else:
+        print(f"restored {ns.url} -> {ns.out} ({ns.format}), sha256 verified")
+    return EXIT_OK
+
+
+@_command("estimate")
+def _estimate(ns: argparse.Namespace) -> int:
+    from .estimate import estimate
+
+    est = estimate(ns.leaf, threads=ns.threads, fs_aware=ns.fs_aware,
+                   upload_rate=parse_size(ns.upload_rate) if ns.upload_rate else None,
+                   chain_options=_chain_options(ns))
+    if ns.json:
+        _print_json(est)
+        return EXIT_OK
+    for ly in est["layers"]:
+        print(f"  {ly['type']:13} {ly['path']}: file {human_size(ly['file_size'])}, "
+              f"allocated {human_size(ly['allocated_bytes'])}")
+    print(f"virtual size            {human_size(est['virtual_size'])}")
+    print(f"VHD files               {human_size(est['vhd_bytes'])} in {est['depth']} disks")
+    print(f"after coalescing        {human_size(est['data_bytes'])} of data in "
+          f"{est['blocks_stored']} blocks ({human_size(est['stream_bytes'])} image stream)")
+    print(f"expected compressed     {human_size(est['expected_compressed_bytes'])} "
+          f"(ratio {est['compression_ratio']}, from {est['sample_blocks']} sampled blocks)")
+    for p in est.get("filesystems", {}).get("partitions", []):
+        print(f"  partition {p.get('index')}: {p.get('fs') or 'unknown'} {p.get('state')}, "
+              f"used {human_size(p.get('used_bytes') or 0)}, free "
+              f"{human_size(p.get('free_bytes') or 0)}")
+    print(f"time, 2 minutes per GB  {est['rule_of_thumb_seconds']:.0f} s")
+    print(f"time, vhdcore predicted {est['predicted_seconds']:.1f} s (measured on this machine)")
+    return EXIT_OK
+
+
+@_command("demo")
+def _demo(ns: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    say = (lambda msg: print(json.dumps({"event": "info", "message": msg}))) if ns.json \
+        else print
+    figures = run_demo(ns.workdir, size=parse_size(ns.size), progress=_job_progress(ns),
+                       say=say, keep=ns.keep)
+    if ns.json:
+        print(json.dumps({"event": "result", **figures}))
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -320,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("vhd", "fixed", "raw"), default="vhd",
                    help="vhd: sparse dynamic VHD without zero blocks (default)")
     s.add_argument("--threads", type=int, default=2, help="merge threads (default 2)")
+    s.add_argument("--fs-aware", action="store_true",
+                   help="skip what the guest's filesystems mark free (free sectors read as zero)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_chain_options(s)
 
@@ -343,6 +477,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("repair", help="restore a damaged primary footer from the copy at offset 0")
     s.add_argument("file")
+
+    s = sub.add_parser("image", help="image a chain to a target: coalesce, compress, upload")
+    s.add_argument("leaf")
+    s.add_argument("--to", required=True, metavar="URL",
+                   help="file:///dir/name, swift://container/name or s3://bucket/key")
+    s.add_argument("--timeout", type=float, metavar="S",
+                   help="stop after S seconds with a resumable state (exit 4)")
+    s.add_argument("--coalesce-timeout", type=float, metavar="S",
+                   help="stop if the coalescing stage takes longer than S seconds (exit 4)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted job")
+    s.add_argument("--restart", action="store_true", help="discard an interrupted job's state")
+    s.add_argument("--state-dir", metavar="DIR",
+                   help="where the job state lives (default: beside a file:// output, else "
+                        "$XDG_STATE_HOME/vhdcore/jobs)")
+    s.add_argument("--threads", type=int, default=2, help="merge and compression threads")
+    s.add_argument("--concurrency", type=int, default=4, help="parallel segment uploads")
+    s.add_argument("--segment-size", metavar="SIZE", help="segment size (default: from the "
+                   "image size and the target's limits)")
+    fs = s.add_mutually_exclusive_group()
+    fs.add_argument("--fs-aware", dest="fs_aware", action="store_true", default=True,
+                    help="skip what the guest's filesystems mark free (default)")
+    fs.add_argument("--no-fs-aware", dest="fs_aware", action="store_false",
+                    help="store every non-zero block")
+    s.add_argument("--json", action="store_true", help="one JSON event per line on stdout")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_chain_options(s)
+
+    s = sub.add_parser("restore", help="download an image, verify it, write a VHD or raw file")
+    s.add_argument("url")
+    s.add_argument("out")
+    s.add_argument("--format", choices=("vhd", "raw"), default="vhd")
+    s.add_argument("--concurrency", type=int, default=4, help="parallel segment downloads")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    s = sub.add_parser("estimate", help="what imaging this chain will cost, before running it")
+    s.add_argument("leaf")
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--upload-rate", metavar="SIZE",
+                   help="bytes per second the target accepts (e.g. 100M); default: unlimited")
+    s.add_argument("--fs-aware", action="store_true",
+                   help="also read the guest's filesystems and report their used bytes")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    _add_chain_options(s)
+
+    s = sub.add_parser("demo", help="image a built-in synthetic chain to a local directory, "
+                                    "restore it and check it (no server needed)")
+    s.add_argument("--size", default="384M", help="virtual size of the demo disk")
+    s.add_argument("--workdir", help="keep the files here instead of a temporary directory")
+    s.add_argument("--keep", action="store_true", help="do not delete the temporary directory")
+    s.add_argument("--json", action="store_true", help="JSON events on stdout")
 
     for extra in _EXTRA_PARSERS:
         extra(sub)

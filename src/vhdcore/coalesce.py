@@ -59,6 +59,8 @@ from .format import (
 )
 
 __all__ = [
+    "FsFreeMap",
+    "fs_free_map",
     "ImageBlock",
     "iter_image_blocks",
     "DynamicLayout",
@@ -93,6 +95,34 @@ class ImageBlock:
     data: memoryview
 
 
+class FsFreeMap:
+    """A :data:`FreeMap` from a filesystem map (:func:`vhdcore.fsmap.map_disk`):
+    blocks that are entirely free are never read (``skip_blocks``); in partly
+    free blocks the free sectors are dropped from the bitmap and zeroed."""
+
+    def __init__(self, disk_map: object, block_size: int) -> None:
+        self.disk_map = disk_map
+        self.block_size = block_size
+        states = disk_map.block_states(block_size)  # type: ignore[attr-defined]
+        self.skip_blocks = set(np.nonzero(states == 2)[0].tolist())
+        self._partial = set(np.nonzero(states == 1)[0].tolist())
+
+    def __call__(self, block: int, nsectors: int) -> bytes | None:
+        if block not in self._partial:
+            return None
+        return self.disk_map.free_bitmap_for_block(  # type: ignore[attr-defined,no-any-return]
+            block, self.block_size)
+
+
+def fs_free_map(chain: Chain) -> tuple[FsFreeMap, dict]:
+    """Map the free space of the filesystems on the chain's virtual disk.
+    Returns the free map and the JSON summary for metadata and reports."""
+    from . import fsmap as _fsmap
+
+    dmap = _fsmap.map_disk(lambda off, n: chain.read(off, n), chain.virtual_size)
+    return FsFreeMap(dmap, chain.block_size), dmap.to_json()
+
+
 def _apply_free(bitmap: memoryview, nsectors: int, free: bytes) -> None:
     nb = (nsectors + 7) // 8
     bm = np.frombuffer(bitmap, dtype=np.uint8, count=nb)
@@ -110,6 +140,9 @@ def iter_image_blocks(chain: Chain, *, threads: int = 2, blocks: Iterable[int] |
     sectors a filesystem marks free.  At most ``window`` blocks are in memory.
     """
     todo = [int(b) for b in (chain.allocated_blocks() if blocks is None else blocks)]
+    skip = getattr(free_map, "skip_blocks", None)
+    if skip:
+        todo = [b for b in todo if b not in skip]
     threads = max(1, threads)
     window = window or threads * 2
     bs = chain.block_size
@@ -239,13 +272,18 @@ class FlattenResult:
 
 def flatten(leaf: PathLike, out: PathLike, format: str = "vhd", *, threads: int = 2,
             progress: Progress | None = None, free_map: FreeMap | None = None,
-            chain_options: dict | None = None, durable: bool = True) -> FlattenResult:
+            chain_options: dict | None = None, durable: bool = True,
+            fs_aware: bool = False) -> FlattenResult:
     """Write the leaf's whole virtual disk, read once through its chain, as one
     standalone image: ``"vhd"`` (sparse dynamic VHD: no all-zero block, bitmap
     bits only for sectors with data), ``"fixed"`` (fixed VHD) or ``"raw"``.
 
     The output is written to ``out + ".part"`` and renamed when complete
     (after an fsync unless ``durable`` is False).
+
+    ``fs_aware``: blocks that the guest's filesystems mark entirely free are
+    not stored and free sectors of partly used blocks are written as zeros
+    (see :mod:`vhdcore.fsmap`; filesystems it cannot trust are kept whole).
     """
     if format not in ("vhd", "fixed", "raw"):
         raise VhdError(f"unknown output format {format!r} (vhd, fixed or raw)")
@@ -256,6 +294,8 @@ def flatten(leaf: PathLike, out: PathLike, format: str = "vhd", *, threads: int 
             raise CoalesceError(f"{out}: the output would overwrite a disk of the chain")
         vsize = chain.virtual_size
         total = vsize
+        if fs_aware and free_map is None:
+            free_map, _ = fs_free_map(chain)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         stored: list[int] = []
         sectors = 0
@@ -462,6 +502,12 @@ def _grow_parent(parent: VhdFile, new_size: int) -> None:
     else:
         bat = np.full(nblocks, BAT_UNUSED, dtype=np.uint32)
         bat[: parent.nblocks] = parent.bat
+        if nblocks > parent.nblocks:
+            # the entries the new size brings into use must read "unused" on
+            # disk before the footer says the disk is larger
+            tail = np.full(nblocks - parent.nblocks, BAT_UNUSED, dtype=">u4").tobytes()
+            parent._pwrite(tail, h.table_offset + parent.nblocks * 4)
+            _io.fsync(parent._fd)
     parent.bat = bat
     parent.nblocks = nblocks
     parent.write_footer(parent.footer.with_(current_size=new_size, original_size=new_size))
@@ -565,6 +611,12 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict | None, cpath: str,
                 "into it would change what they read")
     new_size = max(pvhd.virtual_size, cvhd.virtual_size)
     grow = new_size > pvhd.virtual_size
+    if grow and pvhd.is_fixed and pvhd.footer_offset != pvhd.virtual_size:
+        # growing writes the footer at the new size and zeroes the old one's
+        # place: bytes between the virtual size and the footer would show
+        raise CoalesceError(
+            f"{pvhd.path}: fixed disk holds {pvhd.footer_offset} bytes of data but its footer "
+            f"says {pvhd.virtual_size}; refusing to grow it ('vhdcore check' shows this)")
     if not skip_space_check:
         need = _space_needed(cvhd, pvhd, new_size)
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(pvhd.path))).free

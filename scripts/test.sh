@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up everything the test suite needs on a fresh Debian machine, start a
+# loopback Swift (with its S3 API) for the object-store tests, run the whole
+# suite (benchmarks once, as smoke tests), and stop the servers again.
+#
+#   bash scripts/test.sh            # everything
+#   bash scripts/test.sh -k swift   # extra arguments go to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES="qemu-utils libvhdi-utils memcached lz4 e2fsprogs xfsprogs ntfs-3g fdisk gdisk"
+missing=""
+for pkg in $APT_PACKAGES; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
+done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing system packages:$missing"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+  else
+    echo "== missing system packages (tests that need them will skip):$missing" >&2
+  fi
+fi
+
+PY=${PYTHON:-python3}
+echo "== installing vhdcore and its test dependencies"
+$PY -m pip install -q --disable-pip-version-check -e ".[test]" swift
+
+SWIFT_DIR=$(mktemp -d "${TMPDIR:-/tmp}/vhdcore-swift.XXXXXX")
+cleanup() {
+  $PY scripts/swift_server.py stop --dir "$SWIFT_DIR" >/dev/null 2>&1 || true
+  rm -rf "$SWIFT_DIR"
+}
+trap cleanup EXIT
+echo "== starting a loopback Swift in $SWIFT_DIR"
+$PY scripts/swift_server.py start --dir "$SWIFT_DIR"
+eval "$($PY scripts/swift_server.py env --dir "$SWIFT_DIR")"
+export VHDCORE_TEST_SWIFT=1
+
+echo "== running the tests"
+$PY -m pytest -q -p no:cacheprovider --benchmark-disable "$@"

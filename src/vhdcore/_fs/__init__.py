@@ -1,0 +1,1 @@
+"""Private parsers behind :mod:`vhdcore.fsmap` (partition tables, ext, XFS, NTFS, swap)."""

@@ -1,0 +1,217 @@
+"""A plain directory as an object store: ``file:///path/to/dir/name``.
+
+Layout beside each other in the directory::
+
+    name.segments/00000000.lz4        segment bytes
+    name.segments/00000000.lz4.md5    "<md5 hex> <size>" (written after the segment)
+    name.manifest.json                the manifest: segments and metadata
+
+Every file is written to a temporary name, flushed to disk and renamed, so a
+crash leaves either the old state or the new one; a segment counts as
+uploaded only once its ``.md5`` record exists and matches its size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import StoreError, StoreNotFoundError, UploadError
+from .base import Buffer, Manifest, SegmentInfo, SegmentLimits, Store, check_metadata
+from .retry import RetryPolicy
+
+__all__ = ["DirectoryStore"]
+
+_SEGMENT_RE = re.compile(r"^(\d{8})\.lz4$")
+_MANIFEST_FORMAT = "vhdcore-manifest"
+_MANIFEST_VERSION = 1
+
+#: no practical limit on a file system; 1 TiB per segment and 10^7 segments
+DIRECTORY_LIMITS = SegmentLimits(1, 1 << 40, 10_000_000)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: Buffer, fsync: bool) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if fsync:
+        _fsync_dir(path.parent)
+
+
+class DirectoryStore(Store):
+    """An image kept as files in a local directory (which must exist).
+
+    ``fsync=False`` skips flushing to disk (faster, not crash-safe; for tests
+    and benchmarks).
+    """
+
+    scheme = "file"
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        name: str,
+        *,
+        fsync: bool = True,
+        retry: RetryPolicy | None = None,
+        url: str | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        if not name or "/" in name or name in (".", ".."):
+            raise StoreError(f"invalid image name {name!r} in directory {self.directory}")
+        self.name = name
+        self.fsync = fsync
+        self.segments_dir = self.directory / f"{name}.segments"
+        self.manifest_path = self.directory / f"{name}.manifest.json"
+        self._mkdir_lock = threading.Lock()
+        super().__init__(url or f"file://{self.directory / name}", retry)
+
+    def _check_directory(self) -> None:
+        if not self.directory.is_dir():
+            raise StoreNotFoundError(f"{self.describe()}: directory {self.directory} does not exist")
+
+    def _segment_path(self, index: int) -> Path:
+        if index < 0 or index > 99_999_999:
+            raise ValueError(f"segment index {index} out of range")
+        return self.segments_dir / f"{index:08d}.lz4"
+
+    def segment_limits(self) -> SegmentLimits:
+        return DIRECTORY_LIMITS
+
+    def put_segment(self, index: int, data: Buffer, md5_hex: str) -> str:
+        path = self._segment_path(index)
+        self._check_directory()
+        try:
+            with self._mkdir_lock:
+                self.segments_dir.mkdir(exist_ok=True)
+            record = path.with_name(path.name + ".md5")
+            try:
+                record.unlink()
+            except FileNotFoundError:
+                pass
+            _atomic_write(path, data, self.fsync)
+            _atomic_write(record, f"{md5_hex} {len(data)}\n".encode(), self.fsync)
+        except OSError as exc:
+            raise UploadError(f"{self.describe()}: writing segment {index} to {path} failed: {exc}") from exc
+        return md5_hex
+
+    def list_segments(self) -> dict[int, SegmentInfo]:
+        self._check_directory()
+        found: dict[int, SegmentInfo] = {}
+        try:
+            names = os.listdir(self.segments_dir)
+        except FileNotFoundError:
+            return found
+        except OSError as exc:
+            raise StoreError(f"{self.describe()}: listing {self.segments_dir} failed: {exc}") from exc
+        for entry in names:
+            m = _SEGMENT_RE.match(entry)
+            if not m:
+                continue
+            path = self.segments_dir / entry
+            try:
+                size = path.stat().st_size
+                etag, recorded = (path.with_name(entry + ".md5")).read_text().split()
+            except (OSError, ValueError):
+                continue  # no complete record: not uploaded
+            if int(recorded) == size:
+                index = int(m.group(1))
+                found[index] = SegmentInfo(index, size, etag)
+        return found
+
+    def get_segment(self, index: int) -> bytes:
+        path = self._segment_path(index)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            self._check_directory()
+            raise StoreNotFoundError(f"{self.describe()}: segment {index} ({path}) does not exist") from None
+        except OSError as exc:
+            raise StoreError(f"{self.describe()}: reading segment {index} ({path}) failed: {exc}") from exc
+
+    def put_manifest(self, segments: list[SegmentInfo], metadata: Mapping[str, str]) -> None:
+        self._check_directory()
+        doc: dict[str, Any] = {
+            "format": _MANIFEST_FORMAT,
+            "version": _MANIFEST_VERSION,
+            "metadata": check_metadata(metadata),
+            "segments": [{"index": s.index, "size": s.size, "etag": s.etag} for s in segments],
+        }
+        body = json.dumps(doc, indent=1, sort_keys=True).encode()
+        try:
+            _atomic_write(self.manifest_path, body, True)
+        except OSError as exc:
+            raise UploadError(
+                f"{self.describe()}: writing manifest {self.manifest_path} failed: {exc}"
+            ) from exc
+
+    def get_manifest(self) -> Manifest:
+        try:
+            raw = self.manifest_path.read_bytes()
+        except FileNotFoundError:
+            self._check_directory()
+            raise StoreNotFoundError(
+                f"{self.describe()}: no image manifest {self.manifest_path} (not uploaded, or incomplete)"
+            ) from None
+        except OSError as exc:
+            raise StoreError(f"{self.describe()}: reading {self.manifest_path} failed: {exc}") from exc
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict) or doc.get("format") != _MANIFEST_FORMAT:
+                raise ValueError("not a vhdcore manifest")
+            segments = [SegmentInfo(int(s["index"]), int(s["size"]), str(s["etag"])) for s in doc["segments"]]
+            metadata = {str(k): str(v) for k, v in doc.get("metadata", {}).items()}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(
+                f"{self.describe()}: {self.manifest_path} is not a vhdcore image manifest ({exc})"
+            ) from exc
+        return Manifest(segments, metadata)
+
+    def delete(self) -> None:
+        try:
+            self.manifest_path.unlink()
+        except FileNotFoundError:
+            pass
+        try:
+            entries = os.listdir(self.segments_dir)
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            try:
+                os.unlink(self.segments_dir / entry)
+            except FileNotFoundError:
+                pass
+        try:
+            self.segments_dir.rmdir()
+        except OSError:
+            pass

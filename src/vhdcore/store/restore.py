@@ -1,0 +1,169 @@
+"""Restore an image from a store: download, verify, decompress, write."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import IntegrityError, StoreError
+from .base import META_CODEC, Manifest, SegmentInfo, Store, is_vhdcore_metadata
+
+__all__ = ["restore", "check_image_manifest"]
+
+_MD5_RE = re.compile(r"^[0-9a-f]{32}$")
+
+#: ``progress(done_bytes, total_bytes)`` of the uncompressed stream, from the calling thread
+RestoreProgress = Callable[[int, int], None]
+
+
+def check_image_manifest(store: Store, manifest: Manifest) -> None:
+    """Raise :class:`StoreError` unless ``manifest`` describes a vhdcore image this version reads."""
+    from ..compress import CODEC
+
+    meta = manifest.metadata
+    if not is_vhdcore_metadata(meta):
+        raise StoreError(f"{store.describe()} is not a vhdcore image: it has no vhdcore metadata")
+    if meta[META_CODEC] != CODEC:
+        raise StoreError(
+            f"{store.describe()}: unsupported codec {meta[META_CODEC]!r} (this vhdcore reads {CODEC!r})"
+        )
+    if not manifest.sha256 or manifest.stream_size is None:
+        raise StoreError(f"{store.describe()}: the image metadata lacks sha256 or stream-size")
+    if not manifest.segments:
+        raise StoreError(f"{store.describe()}: the image has no segments")
+
+
+def _fetch(store: Store, seg: SegmentInfo) -> list[bytes]:
+    from ..compress import decompress_frame_list
+
+    data = store.get_segment(seg.index)
+    if len(data) != seg.size:
+        raise IntegrityError(
+            f"{store.describe()}: segment {seg.index} has {len(data)} bytes, the manifest says {seg.size}"
+        )
+    if _MD5_RE.match(seg.etag):
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        if md5 != seg.etag:
+            raise IntegrityError(
+                f"{store.describe()}: segment {seg.index} is damaged: MD5 {md5}, the manifest says {seg.etag}"
+            )
+    try:
+        return decompress_frame_list(data)
+    except IntegrityError as exc:
+        raise IntegrityError(f"{store.describe()}: segment {seg.index}: {exc}") from None
+
+
+def _remove(path: str | None) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def restore(
+    url: str | Store,
+    out: str | os.PathLike[str],
+    format: str = "vhd",
+    concurrency: int = 4,
+    *,
+    options: Mapping[str, Any] | None = None,
+    progress: RestoreProgress | None = None,
+) -> Manifest:
+    """Download the image at ``url`` and write it to ``out``.
+
+    Segments are fetched on ``concurrency`` threads (at most ``2 *
+    concurrency`` held in memory), each checked against the MD5 in the
+    manifest and decompressed; the SHA-256 of the whole uncompressed stream is
+    checked against the image metadata.  The output is written to a temporary
+    file beside ``out`` and renamed only when everything matched; on any error
+    it is removed.  ``format="raw"`` converts the VHD to a raw disk image
+    (:func:`vhdcore.disk.vhd_to_raw`).  ``options`` go to
+    :func:`~vhdcore.store.open_store`.  Returns the manifest.
+
+    Raises :class:`IntegrityError` for damaged data,
+    :class:`StoreNotFoundError` for a missing image, and :class:`StoreError`
+    for an object that is not a vhdcore image.
+    """
+    if format not in ("vhd", "raw"):
+        raise ValueError(f"format must be 'vhd' or 'raw', got {format!r}")
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    from . import open_store
+
+    own = isinstance(url, str)
+    store = open_store(url, **(options or {})) if isinstance(url, str) else url
+    out_path = Path(out)
+    tmp_vhd: str | None = None
+    tmp_raw: str | None = None
+    try:
+        manifest = store.get_manifest()
+        check_image_manifest(store, manifest)
+        total = manifest.stream_size or 0
+        fd, tmp_vhd = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".partial")
+        sha = hashlib.sha256()
+        written = 0
+        with (
+            os.fdopen(fd, "wb") as f,
+            concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="vhdcore-restore") as pool,
+        ):
+            window: collections.deque[concurrent.futures.Future[list[bytes]]] = collections.deque()
+            segments = iter(manifest.segments)
+            try:
+                for seg in segments:
+                    window.append(pool.submit(_fetch, store, seg))
+                    if len(window) >= 2 * concurrency:
+                        break
+                while window:
+                    parts = window.popleft().result()
+                    nxt = next(segments, None)
+                    if nxt is not None:
+                        window.append(pool.submit(_fetch, store, nxt))
+                    for raw in parts:
+                        sha.update(raw)
+                        f.write(raw)
+                        written += len(raw)
+                    if progress is not None:
+                        progress(written, total)
+            finally:
+                for fut in window:
+                    fut.cancel()
+            f.flush()
+            os.fsync(f.fileno())
+        if written != manifest.stream_size:
+            raise IntegrityError(
+                f"{store.describe()}: the stream has {written} bytes, the metadata says {manifest.stream_size}"
+            )
+        digest = sha.hexdigest()
+        if digest != manifest.sha256:
+            raise IntegrityError(
+                f"{store.describe()}: SHA-256 of the restored stream is {digest}, the metadata says {manifest.sha256}"
+            )
+        if format == "vhd":
+            os.replace(tmp_vhd, out_path)
+            tmp_vhd = None
+        else:
+            try:
+                from ..disk import vhd_to_raw
+            except ImportError as exc:
+                raise StoreError("raw restore needs vhdcore.disk.vhd_to_raw, which this build lacks") from exc
+            fd, tmp_raw = tempfile.mkstemp(
+                dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".raw-partial"
+            )
+            os.close(fd)
+            vhd_to_raw(tmp_vhd, tmp_raw)
+            os.replace(tmp_raw, out_path)
+            tmp_raw = None
+        return manifest
+    finally:
+        _remove(tmp_vhd)
+        _remove(tmp_raw)
+        if own:
+            store.close()

@@ -1,0 +1,441 @@
+"""S3 (and S3-compatible stores, such as Swift's s3api) as a target: ``s3://bucket/key``.
+
+Segment ``i`` is part ``i + 1`` of a multipart upload of ``key``, sent with
+its ``Content-MD5`` so the server verifies it.  Completing the multipart
+upload is the manifest step; then a small JSON record ``<key>.vhdcore.json``
+is written beside the object with the segment table and the image metadata.
+S3 fixes an object's user metadata when the multipart upload *starts*, but the
+image's SHA-256 is only known at the end, so the record holds it; the object
+carries ``vhdcore-version`` and ``codec`` as user metadata.
+
+Resume: an unfinished multipart upload of the same key is found with
+``ListMultipartUploads`` and its parts with ``ListParts``.
+
+Endpoint from the ``endpoint_url`` option or ``AWS_ENDPOINT_URL``; credentials
+as boto3 finds them (``AWS_ACCESS_KEY_ID``...), or options
+``access_key``/``secret_key``/``region``.  Path-style addressing; checksums
+only where required (S3-compatible servers reject the newer CRC trailers).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+import urllib.request
+from collections.abc import Mapping
+from typing import Any
+
+from .._version import __version__
+from ..errors import StoreAuthError, StoreError, StoreNotFoundError, UploadError, VhdError
+from .base import (
+    GiB,
+    MiB,
+    Buffer,
+    Manifest,
+    SegmentInfo,
+    SegmentLimits,
+    Store,
+    check_metadata,
+    decode_meta_value,
+    encode_meta_value,
+    md5_base64,
+)
+from .retry import RetryPolicy, is_transient_status
+
+__all__ = ["S3Store", "AWS_S3_LIMITS"]
+
+#: AWS S3's multipart limits
+AWS_S3_LIMITS = SegmentLimits(5 * MiB, 5 * GiB, 10_000)
+_RECORD_SUFFIX = ".vhdcore.json"
+_RECORD_FORMAT = "vhdcore-s3-manifest"
+_CONTENT_TYPE = "application/x-lz4"
+_AUTH_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "InvalidToken",
+    "ExpiredToken",
+    "InvalidClientTokenId",
+    "AuthorizationHeaderMalformed",
+}
+_NOT_FOUND_CODES = {"NoSuchBucket", "NoSuchKey", "NoSuchUpload", "404", "NotFound"}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeTooSkewed",
+}
+
+
+class S3Store(Store):
+    """An image as an S3 multipart object.
+
+    Options: ``endpoint_url``, ``access_key``, ``secret_key``, ``region``,
+    ``max_parts`` (default: the server's if it tells -- Swift's s3api does via
+    ``GET /info`` -- else 10,000), ``timeout``, ``retry``, ``max_connections``.
+    """
+
+    scheme = "s3"
+
+    def __init__(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        endpoint_url: str | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        region: str | None = None,
+        max_parts: int | None = None,
+        timeout: float = 60.0,
+        max_connections: int = 16,
+        retry: RetryPolicy | None = None,
+        env: Mapping[str, str] | None = None,
+        url: str | None = None,
+    ) -> None:
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise StoreError("s3:// targets need boto3: pip install 'vhdcore[s3]'") from exc
+        if not bucket or not key:
+            raise StoreError(f"s3 URL needs a bucket and a key, got bucket={bucket!r} key={key!r}")
+        super().__init__(url or f"s3://{bucket}/{key}", retry)
+        env = os.environ if env is None else env
+        self.bucket = bucket
+        self.key = key
+        self.record_key = key + _RECORD_SUFFIX
+        self.endpoint_url = (
+            endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+        )
+        self._max_parts = max_parts
+        config = Config(
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            retries={"max_attempts": 1, "mode": "standard"},
+            connect_timeout=min(timeout, 20.0),
+            read_timeout=timeout,
+            max_pool_connections=max_connections,
+        )
+        session = boto3.session.Session(
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            region_name=region or env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1",
+        )
+        self._client = session.client("s3", endpoint_url=self.endpoint_url, config=config)
+        self._lock = threading.Lock()
+        self._upload_id: str | None = None
+        self._bucket_checked = False
+        self._limits: SegmentLimits | None = None
+        self._offsets: dict[int, tuple[int, int]] | None = None
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    # -- errors ---------------------------------------------------------------
+    @staticmethod
+    def _error_code(exc: BaseException) -> tuple[str, int | None]:
+        response = getattr(exc, "response", None) or {}
+        code = str((response.get("Error") or {}).get("Code", ""))
+        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        return code, status
+
+    def _is_transient(self, exc: BaseException) -> bool:
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionError as BotoConnectionError,
+            HTTPClientError,
+            ReadTimeoutError,
+            ResponseStreamingError,
+        )
+
+        if isinstance(exc, ClientError):
+            code, status = self._error_code(exc)
+            return code in _TRANSIENT_CODES or is_transient_status(status)
+        if isinstance(exc, (BotoConnectionError, HTTPClientError, ReadTimeoutError, ResponseStreamingError)):
+            return "certificate verify" not in str(exc)
+        return isinstance(exc, (ConnectionError, TimeoutError))
+
+    def _translate(self, exc: BaseException, what: str, upload: bool) -> VhdError:
+        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+
+        where = self.describe()
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return StoreAuthError(
+                f"{where}: {what}: no S3 credentials ({exc}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+            )
+        if isinstance(exc, ClientError):
+            code, status = self._error_code(exc)
+            if code in _AUTH_CODES or status in (401, 403):
+                return StoreAuthError(
+                    f"{where}: {what}: credentials rejected by {self.endpoint_url or 'AWS'} ({code}, HTTP {status})"
+                )
+            if code in _NOT_FOUND_CODES or status == 404:
+                return StoreNotFoundError(f"{where}: {what}: not found ({code or 'HTTP 404'})")
+            msg = f"{where}: {what} failed: {code} (HTTP {status}): {exc}"
+        else:
+            msg = f"{where}: {what} failed: {type(exc).__name__}: {exc}"
+        return UploadError(msg) if upload else StoreError(msg)
+
+    # -- bucket, limits, upload id ----------------------------------------------
+    def _check_bucket(self) -> None:
+        if self._bucket_checked:
+            return
+        try:
+            self._call(
+                f"checking bucket {self.bucket!r}", lambda: self._client.head_bucket(Bucket=self.bucket)
+            )
+        except StoreNotFoundError:
+            raise StoreNotFoundError(f"{self.describe()}: bucket {self.bucket!r} does not exist") from None
+        self._bucket_checked = True
+
+    def segment_limits(self) -> SegmentLimits:
+        if self._limits is None:
+            min_size, max_parts = AWS_S3_LIMITS.min_segment_size, AWS_S3_LIMITS.max_segments
+            info = self._server_info().get("s3api") or {}
+            max_parts = int(info.get("max_upload_part_num", max_parts))
+            min_size = int(info.get("min_segment_size", min_size))
+            if self._max_parts is not None:
+                max_parts = self._max_parts
+            self._limits = SegmentLimits(min_size, AWS_S3_LIMITS.max_segment_size, max_parts)
+        return self._limits
+
+    def _server_info(self) -> dict[str, Any]:
+        """Swift's ``/info`` if the endpoint is a Swift proxy with s3api, else ``{}``."""
+        if not self.endpoint_url:
+            return {}
+        try:
+            with urllib.request.urlopen(self.endpoint_url.rstrip("/") + "/info", timeout=5) as resp:
+                info = json.loads(resp.read(1 << 20))
+            return info if isinstance(info, dict) else {}
+        except Exception:
+            return {}
+
+    def _find_upload(self) -> str | None:
+        """The newest unfinished multipart upload of this key, if any."""
+        uploads: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.key}
+        while True:
+            resp = self._call(
+                "listing multipart uploads", lambda: self._client.list_multipart_uploads(**kwargs)
+            )
+            uploads += [u for u in resp.get("Uploads", []) if u.get("Key") == self.key]
+            if not resp.get("IsTruncated"):
+                break
+            kwargs.update(KeyMarker=resp.get("NextKeyMarker"), UploadIdMarker=resp.get("NextUploadIdMarker"))
+        if not uploads:
+            return None
+        uploads.sort(key=lambda u: u.get("Initiated") or 0)
+        return str(uploads[-1]["UploadId"])
+
+    def _ensure_upload(self) -> str:
+        with self._lock:
+            if self._upload_id is None:
+                self._check_bucket()
+                upload_id = self._find_upload()
+                if upload_id is None:
+                    resp = self._call(
+                        "starting the multipart upload",
+                        lambda: self._client.create_multipart_upload(
+                            Bucket=self.bucket,
+                            Key=self.key,
+                            ContentType=_CONTENT_TYPE,
+                            Metadata={"vhdcore-version": __version__, "codec": "lz4-frames"},
+                        ),
+                        upload=True,
+                    )
+                    upload_id = str(resp["UploadId"])
+                self._upload_id = upload_id
+            return self._upload_id
+
+    # -- segments ----------------------------------------------------------------
+    def put_segment(self, index: int, data: Buffer, md5_hex: str) -> str:
+        limit = self.segment_limits().max_segments
+        if not 0 <= index < limit:
+            raise UploadError(f"{self.describe()}: segment {index} is beyond the server's {limit} parts")
+        upload_id = self._ensure_upload()
+        body = data if isinstance(data, bytes) else bytes(data)
+        resp = self._call(
+            f"uploading segment {index} ({len(body)} bytes)",
+            lambda: self._client.upload_part(
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=upload_id,
+                PartNumber=index + 1,
+                Body=body,
+                ContentLength=len(body),
+                ContentMD5=md5_base64(md5_hex),
+            ),
+            upload=True,
+        )
+        etag = str(resp.get("ETag", "")).strip('"')
+        if etag and etag != md5_hex:
+            raise UploadError(
+                f"{self.describe()}: segment {index}: server stored ETag {etag}, expected {md5_hex}"
+            )
+        return etag or md5_hex
+
+    def list_segments(self) -> dict[int, SegmentInfo]:
+        self._check_bucket()
+        with self._lock:
+            if self._upload_id is None:
+                self._upload_id = self._find_upload()
+            upload_id = self._upload_id
+        found: dict[int, SegmentInfo] = {}
+        if upload_id is None:
+            return found
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key, "UploadId": upload_id}
+        while True:
+            resp = self._call("listing uploaded parts", lambda: self._client.list_parts(**kwargs))
+            for part in resp.get("Parts", []):
+                index = int(part["PartNumber"]) - 1
+                found[index] = SegmentInfo(index, int(part["Size"]), str(part["ETag"]).strip('"'))
+            if not resp.get("IsTruncated"):
+                break
+            kwargs["PartNumberMarker"] = resp.get("NextPartNumberMarker")
+        return found
+
+    def get_segment(self, index: int) -> bytes:
+        if self._offsets is None:
+            self.get_manifest()
+        assert self._offsets is not None
+        try:
+            start, size = self._offsets[index]
+        except KeyError:
+            raise StoreNotFoundError(f"{self.describe()}: the image has no segment {index}") from None
+        if size == 0:
+            return b""
+
+        def get() -> bytes:
+            resp = self._client.get_object(
+                Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-{start + size - 1}"
+            )
+            return resp["Body"].read()
+
+        return self._call(f"downloading segment {index}", get)
+
+    # -- manifest ------------------------------------------------------------------
+    def put_manifest(self, segments: list[SegmentInfo], metadata: Mapping[str, str]) -> None:
+        meta = check_metadata(metadata)
+        upload_id = self._ensure_upload()
+        parts = [{"PartNumber": s.index + 1, "ETag": f'"{s.etag}"'} for s in segments]
+        try:
+            self._call(
+                f"completing the multipart upload ({len(parts)} parts)",
+                lambda: self._client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                ),
+                upload=True,
+            )
+        except StoreNotFoundError:
+            # a retried completion whose first try went through answers NoSuchUpload
+            head = self._call(
+                "checking the object", lambda: self._client.head_object(Bucket=self.bucket, Key=self.key)
+            )
+            if not str(head.get("ETag", "")).strip('"').endswith(f"-{len(parts)}"):
+                raise
+        with self._lock:
+            self._upload_id = None
+        record = {
+            "format": _RECORD_FORMAT,
+            "version": 1,
+            "metadata": {k: encode_meta_value(v) for k, v in meta.items()},
+            "segments": [[s.index, s.size, s.etag] for s in segments],
+        }
+        body = json.dumps(record).encode()
+        self._call(
+            "writing the manifest record",
+            lambda: self._client.put_object(
+                Bucket=self.bucket, Key=self.record_key, Body=body, ContentType="application/json"
+            ),
+            upload=True,
+        )
+
+    def get_manifest(self) -> Manifest:
+        self._check_bucket()
+        try:
+            resp = self._call(
+                "reading the manifest record",
+                lambda: self._client.get_object(Bucket=self.bucket, Key=self.record_key),
+            )
+            raw = resp["Body"].read()
+        except StoreNotFoundError:
+            try:
+                self._call(
+                    "reading the object", lambda: self._client.head_object(Bucket=self.bucket, Key=self.key)
+                )
+            except StoreNotFoundError:
+                raise StoreNotFoundError(
+                    f"{self.describe()}: no such image (or the upload did not finish)"
+                ) from None
+            raise StoreError(
+                f"{self.describe()} is not a vhdcore image: it has no {self.record_key!r} manifest record"
+            ) from None
+        try:
+            record = json.loads(raw)
+            if record.get("format") != _RECORD_FORMAT:
+                raise ValueError("unknown format")
+            segments = [SegmentInfo(int(i), int(n), str(e)) for i, n, e in record["segments"]]
+            metadata = {str(k): decode_meta_value(str(v)) for k, v in record["metadata"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StoreError(
+                f"{self.describe()}: damaged manifest record {self.record_key!r} ({exc})"
+            ) from exc
+        head = self._call(
+            "reading the object", lambda: self._client.head_object(Bucket=self.bucket, Key=self.key)
+        )
+        total = sum(s.size for s in segments)
+        if int(head.get("ContentLength", -1)) != total:
+            raise StoreError(
+                f"{self.describe()}: the object has {head.get('ContentLength')} bytes but its manifest "
+                f"record lists {total}: it was overwritten after the upload"
+            )
+        offsets, pos = {}, 0
+        for s in segments:
+            offsets[s.index] = (pos, s.size)
+            pos += s.size
+        self._offsets = offsets
+        return Manifest(segments, metadata)
+
+    def delete(self) -> None:
+        self._check_bucket()
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.key}
+        resp = self._call("listing multipart uploads", lambda: self._client.list_multipart_uploads(**kwargs))
+        for upload in resp.get("Uploads", []):
+            if upload.get("Key") == self.key:
+                try:
+                    self._call(
+                        "aborting a multipart upload",
+                        functools.partial(
+                            self._client.abort_multipart_upload,
+                            Bucket=self.bucket,
+                            Key=self.key,
+                            UploadId=upload["UploadId"],
+                        ),
+                    )
+                except StoreNotFoundError:
+                    pass
+        for key in (self.key, self.record_key):
+            try:
+                self._call(
+                    f"deleting {key!r}",
+                    functools.partial(self._client.delete_object, Bucket=self.bucket, Key=key),
+                )
+            except StoreNotFoundError:
+                pass
+        with self._lock:
+            self._upload_id = None
+            self._offsets = None
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception:
+            pass

@@ -1,0 +1,508 @@
+"""OpenStack Swift (and Rackspace Cloud Files) as a target: ``swift://container/name``.
+
+Segments go to the container ``<container>_segments`` as ``<name>/00000000``,
+``<name>/00000001``, ... each PUT with its MD5 as ``ETag`` so that Swift
+verifies it.  The image itself is a Static Large Object manifest PUT with
+``?multipart-manifest=put`` (Swift checks every segment's size and ETag
+again); the image metadata rides on it as ``X-Object-Meta-Vhdcore-*``
+headers.  A GET of ``swift://container/name`` therefore returns the whole
+compressed stream, which ``lz4 -d`` decompresses.
+
+Credentials, first match wins:
+
+1. options ``auth_url``/``user``/``key`` (with ``auth_version``,
+   ``tenant_name``, ``os_options``), and/or ``storage_url`` + ``auth_token``;
+2. ``OS_STORAGE_URL`` + ``OS_AUTH_TOKEN`` (a token you already have) --
+   combined with the settings below, if present, to re-authenticate;
+3. ``ST_AUTH``/``ST_USER``/``ST_KEY`` (v1 auth, ``ST_AUTH_VERSION``), e.g.
+   tempauth or Rackspace's ``.../v1.0`` identity endpoint;
+4. ``OS_AUTH_URL``/``OS_USERNAME``/``OS_PASSWORD`` with ``OS_PROJECT_NAME``
+   (or ``OS_TENANT_NAME``), ``OS_*_DOMAIN_NAME``, ``OS_REGION_NAME``... for
+   Keystone v2/v3 (``OS_IDENTITY_API_VERSION``; needs python-keystoneclient).
+
+Requests are retried by :mod:`vhdcore.store.retry` (swiftclient's own retries
+are off; it still re-authenticates once when a token expires).
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import json
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import StoreAuthError, StoreError, StoreNotFoundError, UploadError, VhdError
+from .base import (
+    GiB,
+    Buffer,
+    Manifest,
+    SegmentInfo,
+    SegmentLimits,
+    Store,
+    check_metadata,
+    decode_meta_value,
+    encode_meta_value,
+    is_vhdcore_metadata,
+)
+from .retry import RetryPolicy, is_transient_status
+
+__all__ = ["SwiftStore", "swift_auth_options", "DEFAULT_SWIFT_LIMITS"]
+
+#: Swift's defaults, used when ``GET /info`` does not answer
+DEFAULT_SWIFT_LIMITS = SegmentLimits(1, 5 * GiB, 1000)
+_DEFAULT_MAX_MANIFEST_SIZE = 8 * 1024 * 1024
+_META_PREFIX = "x-object-meta-vhdcore-"
+_CONTENT_TYPE = "application/x-lz4"
+
+
+def _env(env: Mapping[str, str], *names: str) -> str | None:
+    for name in names:
+        value = env.get(name)
+        if value:
+            return value
+    return None
+
+
+def swift_auth_options(options: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """swiftclient ``Connection`` keyword arguments from explicit options or the environment."""
+    storage_url = options.get("storage_url") or _env(env, "OS_STORAGE_URL")
+    auth_token = options.get("auth_token") or _env(env, "OS_AUTH_TOKEN")
+    kw: dict[str, Any] = {}
+    if options.get("auth_url"):
+        auth_url = options["auth_url"]
+        kw.update(authurl=auth_url, user=options.get("user"), key=options.get("key"))
+        version = options.get("auth_version")
+        if version is None:
+            version = "3" if "/v3" in auth_url else "2.0" if "/v2" in auth_url else "1.0"
+        kw["auth_version"] = str(version)
+        if options.get("tenant_name"):
+            kw["tenant_name"] = options["tenant_name"]
+        if options.get("os_options"):
+            kw["os_options"] = dict(options["os_options"])
+    elif _env(env, "ST_AUTH"):
+        kw.update(
+            authurl=env["ST_AUTH"],
+            user=_env(env, "ST_USER"),
+            key=_env(env, "ST_KEY"),
+            auth_version=_env(env, "ST_AUTH_VERSION") or "1.0",
+        )
+    elif _env(env, "OS_AUTH_URL"):
+        auth_url = env["OS_AUTH_URL"]
+        version = _env(env, "OS_IDENTITY_API_VERSION", "OS_AUTH_VERSION")
+        if version is None:
+            version = "3" if "/v3" in auth_url else "2.0"
+        os_options = {
+            "tenant_name": _env(env, "OS_PROJECT_NAME", "OS_TENANT_NAME"),
+            "project_name": _env(env, "OS_PROJECT_NAME", "OS_TENANT_NAME"),
+            "tenant_id": _env(env, "OS_PROJECT_ID", "OS_TENANT_ID"),
+            "project_id": _env(env, "OS_PROJECT_ID", "OS_TENANT_ID"),
+            "user_domain_name": _env(env, "OS_USER_DOMAIN_NAME"),
+            "user_domain_id": _env(env, "OS_USER_DOMAIN_ID"),
+            "project_domain_name": _env(env, "OS_PROJECT_DOMAIN_NAME"),
+            "project_domain_id": _env(env, "OS_PROJECT_DOMAIN_ID"),
+            "region_name": _env(env, "OS_REGION_NAME"),
+            "endpoint_type": _env(env, "OS_ENDPOINT_TYPE", "OS_INTERFACE"),
+            "service_type": _env(env, "OS_SERVICE_TYPE"),
+        }
+        kw.update(
+            authurl=auth_url,
+            user=_env(env, "OS_USERNAME"),
+            key=_env(env, "OS_PASSWORD"),
+            auth_version=str(version),
+            os_options={k: v for k, v in os_options.items() if v},
+        )
+    if storage_url and auth_token:
+        kw.update(preauthurl=storage_url, preauthtoken=auth_token)
+    elif "authurl" not in kw:
+        raise StoreAuthError(
+            "no Swift credentials: pass auth_url/user/key or storage_url/auth_token, or set "
+            "ST_AUTH/ST_USER/ST_KEY, OS_AUTH_URL/OS_USERNAME/OS_PASSWORD/OS_PROJECT_NAME, or "
+            "OS_STORAGE_URL and OS_AUTH_TOKEN"
+        )
+    elif not kw.get("user") or not kw.get("key"):
+        raise StoreAuthError(f"Swift auth URL {kw['authurl']} given without a user and key")
+    for name in ("cacert", "insecure"):
+        if options.get(name) is not None:
+            kw[name] = options[name]
+    return kw
+
+
+class SwiftStore(Store):
+    """An image as a Swift Static Large Object.
+
+    Options: credentials (see the module doc), ``timeout`` (seconds per
+    request, default 60), ``retry`` (:class:`RetryPolicy`),
+    ``segment_container`` (default ``<container>_segments``),
+    ``create_container`` (create the image container if missing; default
+    False: a missing container is a :class:`StoreNotFoundError`).
+    """
+
+    scheme = "swift"
+
+    def __init__(
+        self,
+        container: str,
+        name: str,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: float = 60.0,
+        segment_container: str | None = None,
+        create_container: bool = False,
+        env: Mapping[str, str] | None = None,
+        url: str | None = None,
+        **auth: Any,
+    ) -> None:
+        try:
+            import swiftclient.client  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise StoreError(
+                "swift:// targets need python-swiftclient: pip install 'vhdcore[swift]'"
+            ) from exc
+        if not container or "/" in container:
+            raise StoreError(f"invalid Swift container name {container!r}")
+        if not name:
+            raise StoreError(f"swift://{container}/ needs an object name")
+        super().__init__(url or f"swift://{container}/{name}", retry)
+        self.container = container
+        self.name = name
+        self.segment_container = segment_container or f"{container}_segments"
+        self.create_container = create_container
+        self.timeout = timeout
+        self._conn_kwargs = swift_auth_options(auth, os.environ if env is None else env)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: list[Any] = []
+        self._shared_auth: tuple[str, str] | None = None
+        self._container_headers: dict[str, str] | None = None
+        self._setup_lock = threading.Lock()
+        self._segment_container_ready = False
+        self._limits: SegmentLimits | None = None
+        self._manifest_paths: dict[int, tuple[str, str]] = {}
+
+    # -- connections and errors --------------------------------------------
+    def describe(self) -> str:
+        return f"swift://{self.container}/{self.name}"
+
+    def _new_connection(self) -> Any:
+        from swiftclient.client import Connection
+
+        kw = dict(self._conn_kwargs)
+        if self._shared_auth is not None and "preauthtoken" not in kw:
+            kw["preauthurl"], kw["preauthtoken"] = self._shared_auth
+        return Connection(retries=0, timeout=self.timeout, retry_on_ratelimit=False, **kw)
+
+    def _conn(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            with self._lock:
+                if self._shared_auth is None and "preauthtoken" not in self._conn_kwargs:
+                    first = self._new_connection()
+                    self._shared_auth = self._call("authentication", first.get_auth)
+                    first.close()
+                conn = self._new_connection()
+                self._conns.append(conn)
+            self._local.conn = conn
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+            conn.http_conn = None
+
+    def _on_retry(self, exc: BaseException, retry: int, delay: float) -> None:
+        self._drop_connection()
+
+    def _is_transient(self, exc: BaseException) -> bool:
+        from swiftclient.exceptions import ClientException
+
+        if isinstance(exc, ClientException):
+            if exc.http_status is None:
+                # connection-level failures that swiftclient wraps
+                return isinstance(exc.__cause__ or exc.__context__, OSError)
+            return is_transient_status(exc.http_status)
+        if isinstance(exc, OSError):
+            return "certificate verify" not in str(exc)
+        return isinstance(exc, http.client.HTTPException)
+
+    def _translate(self, exc: BaseException, what: str, upload: bool) -> VhdError:
+        from swiftclient.exceptions import ClientException
+
+        where = self.describe()
+        if isinstance(exc, ClientException):
+            status = exc.http_status
+            body = exc.http_response_content
+            detail = (
+                f" ({body.decode('utf-8', 'replace')[:500] if isinstance(body, bytes) else str(body)[:500]})"
+                if body
+                else ""
+            )
+            if status in (401, 403):
+                target = self._conn_kwargs.get("authurl") or self._conn_kwargs.get("preauthurl")
+                return StoreAuthError(f"{where}: {what}: credentials rejected (HTTP {status}) by {target}")
+            if status == 404:
+                return StoreNotFoundError(f"{where}: {what}: not found (HTTP 404){detail}")
+            msg = f"{where}: {what} failed: {exc.msg} (HTTP {status}){detail}"
+        else:
+            msg = f"{where}: {what} failed: {type(exc).__name__}: {exc}"
+        return UploadError(msg) if upload else StoreError(msg)
+
+    # -- containers and limits ----------------------------------------------
+    def _check_container(self) -> dict[str, str]:
+        """HEAD the image container (once); create it if asked to."""
+        if self._container_headers is not None:
+            return self._container_headers
+        try:
+            headers = self._call(
+                f"checking container {self.container!r}",
+                lambda: self._conn().head_container(self.container),
+            )
+        except StoreNotFoundError:
+            if not self.create_container:
+                raise StoreNotFoundError(
+                    f"{self.describe()}: container {self.container!r} does not exist "
+                    "(create it first, or pass create_container=True)"
+                ) from None
+            self._call(
+                f"creating container {self.container!r}",
+                lambda: self._conn().put_container(self.container),
+                upload=True,
+            )
+            headers = {}
+        self._container_headers = dict(headers)
+        return self._container_headers
+
+    def _ensure_segment_container(self) -> None:
+        if self._segment_container_ready:
+            return
+        with self._setup_lock:
+            if self._segment_container_ready:
+                return
+            headers = self._check_container()
+            try:
+                self._call(
+                    f"checking container {self.segment_container!r}",
+                    lambda: self._conn().head_container(self.segment_container),
+                )
+            except StoreNotFoundError:
+                policy = headers.get("x-storage-policy")
+                put_headers = {"X-Storage-Policy": policy} if policy else {}
+                self._call(
+                    f"creating container {self.segment_container!r}",
+                    lambda: self._conn().put_container(self.segment_container, headers=put_headers),
+                    upload=True,
+                )
+            self._segment_container_ready = True
+
+    def segment_limits(self) -> SegmentLimits:
+        if self._limits is not None:
+            return self._limits
+        limits = DEFAULT_SWIFT_LIMITS
+        try:
+            info = self._call("reading cluster capabilities (GET /info)", self._get_info)
+        except StoreAuthError:
+            raise
+        except StoreError:
+            info = {}
+        slo = info.get("slo") or {}
+        swift = info.get("swift") or {}
+        max_segments = int(slo.get("max_manifest_segments", limits.max_segments))
+        max_manifest = int(slo.get("max_manifest_size", _DEFAULT_MAX_MANIFEST_SIZE))
+        entry = (
+            len(
+                json.dumps(
+                    {
+                        "path": f"/{self.segment_container}/{self.name}/00000000",
+                        "etag": "0" * 32,
+                        "size_bytes": 10**12,
+                    }
+                )
+            )
+            + 2
+        )
+        max_segments = min(max_segments, max_manifest // entry)
+        self._limits = SegmentLimits(
+            int(slo.get("min_segment_size", limits.min_segment_size)),
+            int(swift.get("max_file_size", limits.max_segment_size)),
+            max_segments,
+        )
+        return self._limits
+
+    def _get_info(self) -> dict[str, Any]:
+        conn = self._conn()
+        from swiftclient.client import Connection
+
+        probe = Connection(retries=0, timeout=self.timeout, preauthurl=conn.url, preauthtoken=conn.token)
+        try:
+            return probe.get_capabilities()
+        finally:
+            probe.close()
+
+    # -- segments -------------------------------------------------------------
+    def _segment_object(self, index: int) -> str:
+        if index < 0 or index > 99_999_999:
+            raise ValueError(f"segment index {index} out of range")
+        return f"{self.name}/{index:08d}"
+
+    def put_segment(self, index: int, data: Buffer, md5_hex: str) -> str:
+        self._ensure_segment_container()
+        obj = self._segment_object(index)
+        body = data if isinstance(data, bytes) else bytes(data)
+
+        def put() -> str:
+            return self._conn().put_object(
+                self.segment_container,
+                obj,
+                contents=body,
+                content_length=len(body),
+                etag=md5_hex,
+                content_type=_CONTENT_TYPE,
+            )
+
+        etag = self._call(f"uploading segment {index} ({len(body)} bytes)", put, upload=True)
+        etag = (etag or "").strip('"')
+        if etag and etag != md5_hex:
+            raise UploadError(
+                f"{self.describe()}: segment {index}: server stored ETag {etag}, expected {md5_hex}"
+            )
+        return etag or md5_hex
+
+    def list_segments(self) -> dict[int, SegmentInfo]:
+        self._check_container()
+        prefix = f"{self.name}/"
+        try:
+            _, listing = self._call(
+                f"listing segments in {self.segment_container!r}",
+                lambda: self._conn().get_container(self.segment_container, prefix=prefix, full_listing=True),
+            )
+        except StoreNotFoundError:
+            return {}
+        found: dict[int, SegmentInfo] = {}
+        for item in listing:
+            rest = item.get("name", "")[len(prefix) :]
+            if len(rest) == 8 and rest.isdigit():
+                index = int(rest)
+                found[index] = SegmentInfo(index, int(item["bytes"]), str(item["hash"]))
+        return found
+
+    def get_segment(self, index: int) -> bytes:
+        container, obj = self._manifest_paths.get(index) or (
+            self.segment_container,
+            self._segment_object(index),
+        )
+        _, body = self._call(
+            f"downloading segment {index} ({container}/{obj})",
+            lambda: self._conn().get_object(container, obj),
+        )
+        return body
+
+    # -- manifest ----------------------------------------------------------------
+    def put_manifest(self, segments: list[SegmentInfo], metadata: Mapping[str, str]) -> None:
+        meta = check_metadata(metadata)
+        doc = [
+            {
+                "path": f"/{self.segment_container}/{self._segment_object(s.index)}",
+                "etag": s.etag,
+                "size_bytes": s.size,
+            }
+            for s in segments
+        ]
+        body = json.dumps(doc).encode()
+        headers = {f"X-Object-Meta-Vhdcore-{k}": encode_meta_value(v) for k, v in meta.items()}
+
+        def put() -> str:
+            return self._conn().put_object(
+                self.container,
+                self.name,
+                contents=body,
+                content_length=len(body),
+                content_type=_CONTENT_TYPE,
+                headers=headers,
+                query_string="multipart-manifest=put",
+            )
+
+        self._call(f"writing the manifest ({len(segments)} segments)", put, upload=True)
+
+    def get_manifest(self) -> Manifest:
+        try:
+            headers = self._call(
+                "reading the image", lambda: self._conn().head_object(self.container, self.name)
+            )
+        except StoreNotFoundError:
+            raise StoreNotFoundError(
+                f"{self.describe()}: no such image (container {self.container!r} or object "
+                f"{self.name!r} does not exist, or the upload did not finish)"
+            ) from None
+        metadata = {
+            k[len(_META_PREFIX) :]: decode_meta_value(v)
+            for k, v in headers.items()
+            if k.lower().startswith(_META_PREFIX)
+        }
+        if not is_vhdcore_metadata(metadata):
+            raise StoreError(
+                f"{self.describe()} is not a vhdcore image: it has no X-Object-Meta-Vhdcore-* metadata"
+            )
+        if str(headers.get("x-static-large-object", "")).lower() != "true":
+            raise StoreError(f"{self.describe()} is not a vhdcore image: not a Static Large Object")
+        _, body = self._call(
+            "reading the manifest",
+            lambda: self._conn().get_object(self.container, self.name, query_string="multipart-manifest=get"),
+        )
+        try:
+            entries = json.loads(body)
+            segments = []
+            paths = {}
+            for pos, entry in enumerate(entries):
+                path = entry.get("name") or entry["path"]
+                container, _, obj = path.lstrip("/").partition("/")
+                etag = entry.get("hash") or entry["etag"]
+                size = entry["bytes"] if "bytes" in entry else entry["size_bytes"]
+                segments.append(SegmentInfo(pos, int(size), str(etag)))
+                paths[pos] = (container, obj)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StoreError(f"{self.describe()}: damaged SLO manifest ({exc})") from exc
+        self._manifest_paths = paths
+        return Manifest(segments, metadata)
+
+    def delete(self) -> None:
+        try:
+            self._call(
+                "deleting the image and its segments",
+                lambda: self._conn().delete_object(
+                    self.container, self.name, query_string="multipart-manifest=delete"
+                ),
+            )
+        except StoreNotFoundError:
+            pass
+        try:
+            leftovers = self.list_segments()
+        except StoreNotFoundError:
+            return
+        for index in sorted(leftovers):
+            obj = self._segment_object(index)
+            try:
+                self._call(
+                    f"deleting segment {index}",
+                    functools.partial(self._delete_segment_object, obj),
+                )
+            except StoreNotFoundError:
+                pass
+
+    def _delete_segment_object(self, obj: str) -> None:
+        self._conn().delete_object(self.segment_container, obj)
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:
+                pass
+        self._local = threading.local()

@@ -1,0 +1,270 @@
+"""Upload an image stream: pack frames into segments, upload them in parallel, resume.
+
+* :func:`pack_segments` groups frames into segments (whole frames only).
+* :class:`SegmentUploader` uploads numbered segments on a thread pool with a
+  bounded number in memory, skipping those already in the store (resume), and
+  writes the manifest at the end.  The imaging pipeline submits segment 0 (the
+  image head) last.
+* :func:`upload_frames` does both for a plain frame sequence.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+from ..errors import StoreError, UploadError
+from .base import (
+    META_CODEC,
+    META_FORMAT,
+    META_SHA256,
+    META_STREAM_SIZE,
+    META_VERSION,
+    FORMAT_VHD_DYNAMIC,
+    Buffer,
+    Manifest,
+    SegmentInfo,
+    Store,
+    check_metadata,
+    check_segment_sequence,
+)
+
+__all__ = ["SegmentUploader", "UploadStats", "pack_segments", "upload_frames"]
+
+#: ``progress(info, uploaded)``: called from upload threads after each segment;
+#: ``uploaded`` is False when the segment was already in the store (skipped)
+ProgressCallback = Callable[[SegmentInfo, bool], None]
+
+
+def pack_segments(
+    frames: Iterable[Buffer], segment_size: int, first_index: int = 0
+) -> Iterator[tuple[int, bytes]]:
+    """Group ``frames`` into ``(index, segment bytes)``, numbered from ``first_index``.
+
+    A segment is a whole number of frames: a new segment starts when adding
+    the next frame would take it past ``segment_size``; a single frame larger
+    than ``segment_size`` gets a segment of its own.  Numbering depends only
+    on the frame sizes, so the same image always packs the same way.
+    """
+    if segment_size <= 0:
+        raise ValueError(f"segment_size must be positive, got {segment_size}")
+    index = first_index
+    pending: list[Buffer] = []
+    size = 0
+    for frame in frames:
+        n = len(frame)
+        if pending and size + n > segment_size:
+            yield index, b"".join(pending)
+            index += 1
+            pending, size = [], 0
+        pending.append(frame)
+        size += n
+    if pending:
+        yield index, b"".join(pending)
+
+
+@dataclass
+class UploadStats:
+    """Counts of one upload run."""
+
+    uploaded_segments: int = 0
+    uploaded_bytes: int = 0
+    skipped_segments: int = 0
+    skipped_bytes: int = 0
+
+
+class SegmentUploader:
+    """Upload numbered segments of one image in parallel, with resume.
+
+    ``concurrency`` threads upload; at most ``max_pending`` segments (default
+    ``2 * concurrency``) are held at once -- :meth:`submit` blocks when that
+    many are queued or uploading, so memory stays at about ``max_pending *
+    segment size``.  With ``resume`` (default) the store's segments are listed
+    once, at the first submit, and a segment already there with the same size
+    and MD5 is not uploaded again.
+
+    Usage::
+
+        with SegmentUploader(store, concurrency=4) as up:
+            for index, data in segments:
+                up.submit(index, data)
+            manifest = up.finish(metadata)
+
+    The first failure of any upload is raised by the next :meth:`submit`,
+    :meth:`wait` or :meth:`finish`, and stops further uploads.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        concurrency: int = 4,
+        max_pending: int | None = None,
+        resume: bool = True,
+        progress: ProgressCallback | None = None,
+        stats: UploadStats | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self.store = store
+        self.concurrency = concurrency
+        self.max_pending = max_pending or 2 * concurrency
+        self.resume = resume
+        self.progress = progress
+        self.stats = stats if stats is not None else UploadStats()
+        self._existing: dict[int, SegmentInfo] | None = None
+        self._done: dict[int, SegmentInfo] = {}
+        self._submitted: set[int] = set()
+        self._slots = threading.BoundedSemaphore(self.max_pending)
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._futures: list[concurrent.futures.Future[None]] = []
+        self._pool = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="vhdcore-upload")
+        self._closed = False
+
+    def existing_segments(self) -> dict[int, SegmentInfo]:
+        """The segments the store already had when this upload started (listed once)."""
+        if self._existing is None:
+            self._existing = self.store.list_segments() if self.resume else {}
+        return self._existing
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            err = self._error
+            if isinstance(err, StoreError):
+                raise err
+            raise UploadError(f"{self.store.describe()}: upload failed: {err}") from err
+
+    def submit(self, index: int, data: Buffer, md5_hex: str | None = None) -> None:
+        """Queue segment ``index``; blocks while ``max_pending`` segments are in flight."""
+        if self._closed:
+            raise RuntimeError("this SegmentUploader is closed")
+        if index < 0:
+            raise ValueError(f"segment index must not be negative, got {index}")
+        if index in self._submitted:
+            raise ValueError(f"segment {index} was already submitted")
+        self._raise_error()
+        self.existing_segments()
+        self._slots.acquire()
+        if self._error is not None:
+            self._slots.release()
+            self._raise_error()
+        self._submitted.add(index)
+        try:
+            self._futures.append(self._pool.submit(self._upload, index, data, md5_hex))
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _upload(self, index: int, data: Buffer, md5_hex: str | None) -> None:
+        try:
+            if self._error is not None:
+                return
+            if md5_hex is None:
+                md5_hex = hashlib.md5(data, usedforsecurity=False).hexdigest()
+            size = len(data)
+            assert self._existing is not None
+            have = self._existing.get(index)
+            if have is not None and have.size == size and have.etag == md5_hex:
+                info, uploaded = have, False
+            else:
+                etag = self.store.put_segment(index, data, md5_hex)
+                info, uploaded = SegmentInfo(index, size, etag), True
+            with self._lock:
+                self._done[index] = info
+                if uploaded:
+                    self.stats.uploaded_segments += 1
+                    self.stats.uploaded_bytes += size
+                else:
+                    self.stats.skipped_segments += 1
+                    self.stats.skipped_bytes += size
+            if self.progress is not None:
+                self.progress(info, uploaded)
+        except BaseException as exc:
+            with self._lock:
+                if self._error is None:
+                    self._error = exc
+        finally:
+            self._slots.release()
+
+    def wait(self) -> list[SegmentInfo]:
+        """Wait for every submitted segment; return all done so far, by index."""
+        futures, self._futures = self._futures, []
+        concurrent.futures.wait(futures)
+        self._raise_error()
+        return [self._done[i] for i in sorted(self._done)]
+
+    def finish(self, metadata: Mapping[str, str]) -> Manifest:
+        """Wait for all segments, check they are 0..n-1, write the manifest and return it."""
+        meta = check_metadata(metadata)
+        segments = self.wait()
+        check_segment_sequence(segments, self.store.segment_limits(), self.store.describe())
+        self.store.put_manifest(segments, meta)
+        self.close()
+        return Manifest(segments, meta)
+
+    def close(self) -> None:
+        """Stop: cancel queued uploads and wait for running ones."""
+        if not self._closed:
+            self._closed = True
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> SegmentUploader:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None and self._error is None:
+            self._error = RuntimeError("upload abandoned")
+        self.close()
+
+
+def _complete_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    from .._version import __version__
+    from ..compress import CODEC
+
+    meta = dict(metadata)
+    meta.setdefault(META_VERSION, __version__)
+    meta.setdefault(META_FORMAT, FORMAT_VHD_DYNAMIC)
+    meta.setdefault(META_CODEC, CODEC)
+    missing = [k for k in (META_SHA256, META_STREAM_SIZE) if k not in meta]
+    if missing:
+        raise ValueError(f"image metadata needs {', '.join(missing)} (of the uncompressed stream)")
+    return check_metadata(meta)
+
+
+def upload_frames(
+    store: Store,
+    frames: Iterable[Buffer],
+    *,
+    segment_size: int,
+    metadata: Mapping[str, str],
+    concurrency: int = 4,
+    progress: ProgressCallback | None = None,
+    max_pending: int | None = None,
+    resume: bool = True,
+    stats: UploadStats | None = None,
+) -> Manifest:
+    """Upload a sequence of lz4 frames as one image and write its manifest.
+
+    ``metadata`` must hold ``sha256`` and ``stream-size`` of the uncompressed
+    stream; ``vhdcore-version``, ``format`` and ``codec`` are filled in when
+    absent.  Segments already in the store with the same size and MD5 are
+    skipped, so re-running an interrupted upload of the same image only sends
+    what is missing.  ``stats``, if given, receives the counts of uploaded
+    and skipped segments.  Returns the manifest written.
+    """
+    meta = _complete_metadata(metadata)
+    with SegmentUploader(
+        store,
+        concurrency=concurrency,
+        progress=progress,
+        max_pending=max_pending,
+        resume=resume,
+        stats=stats,
+    ) as uploader:
+        for index, data in pack_segments(frames, segment_size):
+            uploader.submit(index, data)
+        return uploader.finish(meta)

@@ -1,0 +1,385 @@
+"""The directory target, and everything of upload/restore that needs no server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from _swift import (
+    CountingStore,
+    ImageStream,
+    corrupted_segment_detected,
+    lz4_tool,
+    resume_after_failure,
+    round_trip,
+)
+from vhdcore.compress import compress_frame, stream_bound
+from vhdcore.errors import IntegrityError, StoreError, StoreNotFoundError, UploadError
+from vhdcore.store import (
+    DirectoryStore,
+    GiB,
+    MiB,
+    SegmentInfo,
+    SegmentLimits,
+    SegmentUploader,
+    UploadStats,
+    choose_segment_size,
+    image_metadata,
+    open_store,
+    pack_segments,
+    restore,
+    upload_frames,
+)
+
+SEG = 200_000
+
+
+@pytest.fixture(scope="module")
+def stream() -> ImageStream:
+    return ImageStream(seed=11, chunks=40, chunk_size=128 * 1024)
+
+
+def store_at(tmp_path: Path, name: str = "img") -> DirectoryStore:
+    store = open_store(f"file://{tmp_path}/{name}", fsync=False)
+    assert isinstance(store, DirectoryStore)
+    return store
+
+
+# -- URLs -----------------------------------------------------------------------------------
+def test_open_store_urls(tmp_path: Path) -> None:
+    s = open_store(f"file://{tmp_path}/a%20b")
+    assert isinstance(s, DirectoryStore) and s.name == "a b" and s.directory == tmp_path
+    s = open_store(str(tmp_path / "plain"))
+    assert isinstance(s, DirectoryStore) and s.name == "plain"
+    assert "file://" in s.describe()
+
+
+@pytest.mark.parametrize("url", ["ftp://host/x", "gs://bucket/key", "http://example.invalid/x"])
+def test_unknown_scheme_is_a_clear_store_error(url: str) -> None:
+    with pytest.raises(StoreError, match="unknown store URL scheme"):
+        open_store(url)
+
+
+@pytest.mark.parametrize("url", ["swift://container", "swift:///name", "s3://bucket/", "file:///"])
+def test_url_without_name_is_a_store_error(url: str) -> None:
+    with pytest.raises(StoreError):
+        open_store(url)
+
+
+# -- round trip, resume, integrity ----------------------------------------------------------------
+def test_round_trip(tmp_path: Path, stream: ImageStream) -> None:
+    store = store_at(tmp_path)
+    manifest = round_trip(store, stream, SEG, tmp_path / "out.vhd")
+    assert len(manifest.segments) >= 5
+    files = sorted(os.listdir(tmp_path / "img.segments"))
+    assert files[:2] == ["00000000.lz4", "00000000.lz4.md5"]
+    doc = json.loads((tmp_path / "img.manifest.json").read_text())
+    assert doc["metadata"]["sha256"] == stream.sha256
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+@lz4_tool
+def test_concatenated_segments_decompress_with_lz4_tool(tmp_path: Path, stream: ImageStream) -> None:
+    store = store_at(tmp_path)
+    manifest = upload_frames(store, stream.frames, segment_size=SEG, metadata=stream.metadata)
+    whole = b"".join(store.get_segment(s.index) for s in manifest.segments)
+    (tmp_path / "whole.lz4").write_bytes(whole)
+    out = subprocess.run(
+        ["lz4", "-d", "-c", str(tmp_path / "whole.lz4")], check=True, capture_output=True
+    ).stdout
+    assert out == stream.raw
+    # and each segment alone, since segments hold whole frames
+    one = subprocess.run(
+        ["lz4", "-d", "-c", str(tmp_path / "img.segments" / "00000002.lz4")], check=True, capture_output=True
+    ).stdout
+    assert len(one) > 0 and one in stream.raw
+
+
+def test_resume_uploads_only_missing_segments(tmp_path: Path, stream: ImageStream) -> None:
+    total, again = resume_after_failure(
+        lambda: store_at(tmp_path), stream, SEG, tmp_path / "out.vhd", fail_after=3
+    )
+    assert again == total - 3
+
+
+def test_rerun_of_complete_upload_uploads_nothing(tmp_path: Path, stream: ImageStream) -> None:
+    upload_frames(store_at(tmp_path), stream.frames, segment_size=SEG, metadata=stream.metadata)
+    counting = CountingStore(store_at(tmp_path))
+    stats = UploadStats()
+    upload_frames(counting, stream.frames, segment_size=SEG, metadata=stream.metadata, stats=stats)
+    assert counting.puts == [] and stats.uploaded_segments == 0 and stats.skipped_segments > 0
+
+
+def test_changed_segment_is_uploaded_again(tmp_path: Path, stream: ImageStream) -> None:
+    upload_frames(store_at(tmp_path), stream.frames, segment_size=SEG, metadata=stream.metadata)
+    other = ImageStream(seed=12, chunks=40, chunk_size=128 * 1024)
+    counting = CountingStore(store_at(tmp_path))
+    upload_frames(counting, other.frames, segment_size=SEG, metadata=other.metadata)
+    assert counting.puts  # different bytes: not skipped
+    restore(store_at(tmp_path), tmp_path / "out.vhd")
+    assert (tmp_path / "out.vhd").read_bytes() == other.raw
+
+
+def test_corrupted_segment_is_an_integrity_error(tmp_path: Path, stream: ImageStream) -> None:
+    store = store_at(tmp_path)
+    upload_frames(store, stream.frames, segment_size=SEG, metadata=stream.metadata)
+
+    def overwrite(index: int) -> None:
+        path = tmp_path / "img.segments" / f"{index:08d}.lz4"
+        data = bytearray(path.read_bytes())
+        data[100] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    corrupted_segment_detected(store, tmp_path / "out.vhd", overwrite)
+
+
+def test_wrong_sha256_is_an_integrity_error_and_output_removed(tmp_path: Path, stream: ImageStream) -> None:
+    store = store_at(tmp_path)
+    meta = dict(stream.metadata, sha256="0" * 64)
+    upload_frames(store, stream.frames, segment_size=SEG, metadata=meta)
+    out = tmp_path / "out.vhd"
+    out.write_bytes(b"previous")
+    with pytest.raises(IntegrityError, match="SHA-256"):
+        restore(store, out)
+    assert out.read_bytes() == b"previous"  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.manifest.json", "img.segments", "out.vhd"]
+
+
+def test_not_a_vhdcore_image(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    store.put_segment(0, b"x", hashlib.md5(b"x").hexdigest())
+    store.put_manifest([SegmentInfo(0, 1, hashlib.md5(b"x").hexdigest())], {"owner": "someone"})
+    with pytest.raises(StoreError, match="not a vhdcore image"):
+        restore(store, tmp_path / "out.vhd")
+    (tmp_path / "img.manifest.json").write_text('{"hello": 1}')
+    with pytest.raises(StoreError, match="not a vhdcore image manifest"):
+        restore(store, tmp_path / "out.vhd")
+    assert not (tmp_path / "out.vhd").exists()
+
+
+def test_missing_directory_and_image(tmp_path: Path, stream: ImageStream) -> None:
+    gone = open_store(f"file://{tmp_path}/nope/img")
+    with pytest.raises(StoreNotFoundError, match="does not exist"):
+        upload_frames(gone, stream.frames, segment_size=SEG, metadata=stream.metadata)
+    with pytest.raises(StoreNotFoundError):
+        restore(f"file://{tmp_path}/nope/img", tmp_path / "out.vhd")
+    with pytest.raises(StoreNotFoundError, match="no image manifest"):
+        restore(f"file://{tmp_path}/img", tmp_path / "out.vhd")
+
+
+def test_delete(tmp_path: Path, stream: ImageStream) -> None:
+    store = store_at(tmp_path)
+    upload_frames(store, stream.frames, segment_size=SEG, metadata=stream.metadata)
+    store.delete()
+    assert os.listdir(tmp_path) == []
+    store.delete()  # nothing left: no error
+    with pytest.raises(StoreNotFoundError):
+        store.get_manifest()
+
+
+def test_restore_raw(tmp_path: Path) -> None:
+    disk = pytest.importorskip("vhdcore.disk")
+    if not hasattr(disk, "vhd_to_raw") or not hasattr(disk, "create_dynamic"):
+        pytest.skip("vhdcore.disk.vhd_to_raw is not there yet")
+    import random
+
+    size = 8 * MiB
+    src = tmp_path / "src.vhd"
+    expected = bytearray(size)
+    rng = random.Random(4)
+    with disk.create_dynamic(src, size) as vhd:
+        for sector in (0, 7, 5000, 16383 - 8):
+            data = rng.randbytes(8 * 512)
+            vhd.write_sectors(sector, data)
+            expected[sector * 512 : sector * 512 + len(data)] = data
+        vhd.flush()
+    vhd_bytes = src.read_bytes()
+    chunks = [vhd_bytes[i : i + 1 * MiB] for i in range(0, len(vhd_bytes), 1 * MiB)]
+    meta = image_metadata(
+        sha256=hashlib.sha256(vhd_bytes).hexdigest(), stream_size=len(vhd_bytes), virtual_size=size
+    )
+    store = store_at(tmp_path)
+    upload_frames(store, [compress_frame(c) for c in chunks], segment_size=SEG, metadata=meta)
+    restore(store, tmp_path / "disk.raw", format="raw")
+    assert (tmp_path / "disk.raw").read_bytes() == bytes(expected)
+    restore(store, tmp_path / "disk.vhd", format="vhd")
+    assert (tmp_path / "disk.vhd").read_bytes() == vhd_bytes
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_restore_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        restore(f"file://{tmp_path}/img", tmp_path / "o", format="qcow2")
+    with pytest.raises(ValueError):
+        restore(f"file://{tmp_path}/img", tmp_path / "o", concurrency=0)
+
+
+def test_restore_progress(tmp_path: Path, stream: ImageStream) -> None:
+    store = store_at(tmp_path)
+    upload_frames(store, stream.frames, segment_size=SEG, metadata=stream.metadata)
+    seen = []
+    restore(
+        store, tmp_path / "out.vhd", concurrency=3, progress=lambda done, total: seen.append((done, total))
+    )
+    assert seen[-1] == (len(stream.raw), len(stream.raw))
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+# -- packing and the segment uploader -------------------------------------------------------------
+def test_pack_segments_keeps_frames_whole() -> None:
+    frames = [b"a" * 40, b"b" * 40, b"c" * 40, b"d" * 150, b"e" * 10, b"f" * 100]
+    packed = list(pack_segments(frames, 100))
+    assert packed == [
+        (0, b"a" * 40 + b"b" * 40),
+        (1, b"c" * 40),
+        (2, b"d" * 150),  # larger than a segment: alone
+        (3, b"e" * 10),
+        (4, b"f" * 100),
+    ]
+    assert list(pack_segments(frames, 100, first_index=1))[0][0] == 1
+    assert list(pack_segments([], 100)) == []
+    with pytest.raises(ValueError):
+        list(pack_segments(frames, 0))
+
+
+def test_pack_segments_is_deterministic(stream: ImageStream) -> None:
+    a = [(i, hashlib.md5(d).hexdigest()) for i, d in pack_segments(stream.frames, SEG)]
+    b = [(i, hashlib.md5(d).hexdigest()) for i, d in pack_segments(iter(list(stream.frames)), SEG)]
+    assert a == b
+    assert all(len(d) <= SEG for _, d in pack_segments(stream.frames, SEG))
+
+
+def test_head_segment_uploaded_last(tmp_path: Path, stream: ImageStream) -> None:
+    """The imaging pipeline's order: body segments 1..n first, the head (segment 0) at the end."""
+    store = CountingStore(store_at(tmp_path))
+    head = compress_frame(b"HEAD" * 1000)
+    body = pack_segments(stream.frames, SEG, first_index=1)
+    raw = b"HEAD" * 1000 + stream.raw
+    meta = image_metadata(sha256=hashlib.sha256(raw).hexdigest(), stream_size=len(raw))
+    with SegmentUploader(store, concurrency=3, max_pending=2) as up:
+        for index, data in body:
+            up.submit(index, data)
+        up.wait()
+        up.submit(0, head)
+        manifest = up.finish(meta)
+    assert store.puts[-1] == 0
+    restore(store, tmp_path / "out.vhd")
+    assert (tmp_path / "out.vhd").read_bytes() == raw
+    assert manifest.segments[0].size == len(head)
+
+
+def test_uploader_rejects_gaps_and_duplicates(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    with SegmentUploader(store) as up:
+        up.submit(0, compress_frame(b"a"))
+        with pytest.raises(ValueError, match="already submitted"):
+            up.submit(0, compress_frame(b"a"))
+        up.submit(2, compress_frame(b"c"))
+        with pytest.raises(UploadError, match="segment 1 is missing"):
+            up.finish({"sha256": "0" * 64, "stream-size": "2"})
+    with pytest.raises(StoreNotFoundError):
+        store.get_manifest()
+
+
+def test_uploader_bounds_memory_and_uses_threads(tmp_path: Path) -> None:
+    inflight = 0
+    peak = 0
+    threads = set()
+    lock = threading.Lock()
+
+    class Slow(CountingStore):
+        def put_segment(self, index, data, md5_hex):
+            nonlocal inflight, peak
+            with lock:
+                inflight += 1
+                peak = max(peak, inflight)
+                threads.add(threading.get_ident())
+            time.sleep(0.02)
+            try:
+                return super().put_segment(index, data, md5_hex)
+            finally:
+                with lock:
+                    inflight -= 1
+
+    store = Slow(store_at(tmp_path))
+    up = SegmentUploader(store, concurrency=3, max_pending=4)
+    submitted_ahead = []
+    for i in range(20):
+        up.submit(i, compress_frame(bytes([i]) * 1000))
+        submitted_ahead.append(len(up._futures) - len(store.puts))
+    up.wait()
+    up.close()
+    assert peak <= 3 and len(threads) >= 2
+    assert max(submitted_ahead) <= 4 + 3  # bounded by max_pending (plus ones already done)
+
+
+def test_upload_error_propagates_and_stops(tmp_path: Path, stream: ImageStream) -> None:
+    store = CountingStore(store_at(tmp_path), fail_after=0)
+    with pytest.raises(UploadError, match="injected failure"):
+        upload_frames(store, stream.frames, segment_size=SEG, metadata=stream.metadata)
+
+
+def test_progress_callback(tmp_path: Path, stream: ImageStream) -> None:
+    seen = []
+    upload_frames(
+        store_at(tmp_path),
+        stream.frames,
+        segment_size=SEG,
+        metadata=stream.metadata,
+        progress=lambda info, uploaded: seen.append((info.index, uploaded)),
+    )
+    assert sorted(i for i, _ in seen) == list(range(len(seen))) and all(u for _, u in seen)
+
+
+def test_metadata_rules(tmp_path: Path, stream: ImageStream) -> None:
+    with pytest.raises(ValueError, match="sha256"):
+        upload_frames(store_at(tmp_path), stream.frames, segment_size=SEG, metadata={"stream-size": "1"})
+    with pytest.raises(ValueError, match="metadata key"):
+        upload_frames(
+            store_at(tmp_path), stream.frames, segment_size=SEG, metadata=dict(stream.metadata, Bad_Key="x")
+        )
+    meta = image_metadata(sha256="a" * 64, stream_size=5, virtual_size=7, source_name="disk ü.vhd")
+    assert (
+        meta["source-name"] == "disk ü.vhd" and meta["virtual-size"] == "7" and meta["codec"] == "lz4-frames"
+    )
+
+
+# -- segment sizing ----------------------------------------------------------------------------
+SWIFT_DEFAULTS = SegmentLimits(1, 5 * GiB, 1000)
+S3_AWS = SegmentLimits(5 * MiB, 5 * GiB, 10_000)
+S3_SWIFT = SegmentLimits(5 * MiB, 5 * GiB, 1000)
+
+
+@pytest.mark.parametrize("limits", [SWIFT_DEFAULTS, S3_AWS, S3_SWIFT])
+def test_segment_size_for_a_2_tib_disk(limits: SegmentLimits) -> None:
+    chunk = 2 * MiB
+    raw = 2 * 1024 * GiB
+    bound = stream_bound(raw, chunk)  # incompressible worst case
+    size = choose_segment_size(bound, limits)
+    assert size % MiB == 0
+    assert limits.min_segment_size + chunk <= size <= limits.max_segment_size
+    # worst case packing: every segment short by up to one frame
+    frame = bound // (raw // chunk) + 1
+    worst_segments = -(-bound // (size - frame)) + 1  # plus the head segment
+    assert worst_segments <= limits.max_segments
+
+
+def test_segment_size_prefers_32_mib_for_small_images() -> None:
+    assert choose_segment_size(10 * GiB, SWIFT_DEFAULTS) == 32 * MiB
+    assert choose_segment_size(0, S3_AWS) == 32 * MiB
+    assert choose_segment_size(1 * GiB, SWIFT_DEFAULTS, preferred=8 * MiB) == 8 * MiB
+    # tiny minimum segment: an S3 target with a small preferred size still clears 5 MiB + a frame
+    assert choose_segment_size(1 * GiB, S3_AWS, preferred=1 * MiB) >= 5 * MiB + 4 * MiB
+
+
+def test_segment_size_too_large_image() -> None:
+    with pytest.raises(ValueError, match="maximum segment size"):
+        choose_segment_size(10 * 1024 * GiB, SWIFT_DEFAULTS)
