@@ -358,6 +358,8 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
                     break
             else:
                 state["scanned_to"] = chain.nblocks
+                rep.emit(force=True, bytes_done=vsize, bytes_total=vsize,
+                         blocks_done=total_blocks, blocks_total=total_blocks)
         except KeyboardInterrupt:
             state["scanned_to"] = plan[-1][0] + 1 if plan else start
             _save_state(spath, state)
@@ -378,9 +380,14 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
     tu = time.monotonic()
     plan = state["plan"]
     stored = [int(p[0]) for p in plan]
-    created = int(state["created"])
-    layout = DynamicLayout(vsize, chain.block_size, unique_id=bytes.fromhex(job_id[:32]),
-                           timestamp=max(0, created - 946684800) & 0xFFFFFFFF)
+    # the stream depends only on the chain's content and the options: the
+    # image's UUID comes from the chain's identity and its time stamp is the
+    # leaf's, so two runs of the same chain store byte-identical images
+    image_id = hashlib.sha256(json.dumps(
+        {"chain": [(c["uuid"], c["size"], c["mtime_ns"]) for c in identity],
+         "options": options, "format": STREAM_FORMAT}, sort_keys=True).encode()).digest()[:16]
+    layout = DynamicLayout(vsize, chain.block_size, unique_id=image_id,
+                           timestamp=chain.leaf.footer.timestamp)
     head = layout.head(stored)
     tail = layout.tail()
     stream_size = layout.stream_size(len(stored))
@@ -388,6 +395,13 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
         segment_size = int(state.get("segment_size") or 0) or choose_segment_size(
             frame_bound(stream_size) + 64 * len(stored), store.segment_limits(),
             max_frame_size=frame_bound(layout.block_stride))
+    limits = store.segment_limits()
+    floor = limits.min_segment_size + frame_bound(layout.block_stride) + 4096 \
+        if limits.min_segment_size > 1 else 1
+    if segment_size < floor:
+        # segments close before a frame that does not fit: leave room for one
+        # frame above the target's minimum part size (S3: 5 MiB)
+        segment_size = -(-floor // (1 << 20)) << 20
     if state.get("segment_size") not in (None, segment_size):
         raise JobStateError(f"{spath}: the job used segments of {state['segment_size']} bytes, "
                             f"not {segment_size}; resume without --segment-size")
@@ -445,6 +459,8 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
         with seg_lock:
             pending_ranges[seg_index] = (seg_first, next_first - seg_first)
         uploader.submit(seg_index, data)
+        rep.emit(force=True, bytes_done=bytes_done, bytes_total=stream_size,
+                 blocks_done=min(len(stored), max(0, next_first - 1)), blocks_total=len(stored))
         seg_index += 1
         seg_parts, seg_bytes = [], 0
         seg_first = next_first
@@ -474,7 +490,9 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
             if blk.index != stored[rank]:
                 raise IntegrityError(f"block {blk.index} of {chain.leaf.path} appeared where "
                                      f"the plan has block {stored[rank]}: the chain changed")
-            buf = bytes(blk.bitmap) + bytes(blk.data)
+            # one allocation and one copy (bytes(a) + bytes(b) made three, and the
+            # 2 MiB temporaries went through mmap/munmap: ~1.5 vs ~14 GB/s)
+            buf = b"".join((blk.bitmap, blk.data))
             fp = xxhash.xxh3_64(blk.bitmap)
             fp.update(blk.data)
             if fp.hexdigest() != plan[rank][1]:
@@ -501,6 +519,7 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
                     if k != seg_index:
                         raise JobStateError(f"{spath}: segment {k} recorded at frame {fidx} "
                                             f"but this run numbers it {seg_index}")
+                    uploader.adopt(existing[k])
                     skip_until = fidx + int(rec["count"])
                     seg_index += 1
                     seg_first = skip_until
@@ -548,6 +567,8 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
         meta.update(extra_metadata)
         try:
             manifest = uploader.finish(meta)
+            rep.emit(force=True, bytes_done=stream_size, bytes_total=stream_size,
+                     blocks_done=len(stored), blocks_total=len(stored))
         finally:
             with seg_lock:
                 _save_state(spath, state)
@@ -570,7 +591,7 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
         url=target_url, virtual_size=vsize, blocks_stored=len(stored), stream_size=stream_size,
         compressed_size=manifest.compressed_size, segments=len(manifest.segments),
         segments_uploaded=stats.uploaded_segments,
-        segments_skipped=stats.skipped_segments + len(reusable), sha256=digest,
+        segments_skipped=stats.skipped_segments, sha256=digest,
         seconds=time.monotonic() - t0, stage_seconds=stage_seconds, resumed=resumed,
         metadata=dict(manifest.metadata))
 

@@ -159,6 +159,17 @@ class SegmentUploader:
             self._slots.release()
             raise
 
+    def adopt(self, info: SegmentInfo) -> None:
+        """Count a segment that an earlier run already stored (resume) without
+        handing over its bytes; it is part of the manifest like any other."""
+        with self._lock:
+            if info.index in self._submitted:
+                raise ValueError(f"segment {info.index} was already submitted")
+            self._submitted.add(info.index)
+            self._done[info.index] = info
+            self.stats.skipped_segments += 1
+            self.stats.skipped_bytes += info.size
+
     def _upload(self, index: int, data: Buffer, md5_hex: str | None) -> None:
         try:
             if self._error is not None:

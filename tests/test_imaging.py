@@ -1,0 +1,334 @@
+"""The imaging job: staged progress, round trips through every target,
+timeout/interrupt and resume, estimate vs what is stored, bad input, the CLI
+contract (exit codes, --json) and the demo."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import vhdcore.imaging as imaging
+from _swift import CountingStore, require_s3, require_swift, unique
+from vhdcore.chain import Chain
+from vhdcore.errors import JobStateError, StoreError, VhdError, VhdTimeoutError
+from vhdcore.estimate import estimate
+from vhdcore.imaging import create_image, job_state_path
+from vhdcore.store import open_store, restore
+from vhdcore._workloads import make_chain
+
+MiB = 1024 * 1024
+
+
+def digest_of(path) -> str:
+    h = hashlib.sha256()
+    with Chain.open(path) as c:
+        for v in c.iter_raw(8 * MiB):
+            h.update(v)
+    return h.hexdigest()
+
+
+def file_hashes(paths) -> dict:
+    return {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    return make_chain(tmp_path_factory.mktemp("chain"), "realistic", size=48 * MiB, layers=3,
+                      seed=5, block_size=512 * 1024)
+
+
+def _targets():
+    return ["file", "swift", "s3"]
+
+
+def _url(kind: str, tmp_path: Path) -> str:
+    if kind == "file":
+        (tmp_path / "out").mkdir()
+        return f"file://{tmp_path}/out/image"
+    if kind == "swift":
+        require_swift()
+        from _swift import swift_connection
+
+        c = unique("img")
+        swift_connection().put_container(c)
+        return f"swift://{c}/disk-image"
+    require_s3()
+    from _swift import s3_client
+
+    b = unique("img").lower().replace("_", "-")
+    s3_client().create_bucket(Bucket=b)
+    return f"s3://{b}/disk-image"
+
+
+@pytest.mark.parametrize("kind", _targets())
+def test_stages_progress_and_round_trip(chain, tmp_path, kind):
+    url = _url(kind, tmp_path)
+    before = file_hashes(chain.paths)
+    events = []
+    res = create_image(chain.leaf, url, segment_size=5 * MiB + 64 * 1024, progress=events.append,
+                       state_dir=tmp_path / "state", fs_aware=False)
+    # the published stages in order, with their percentages
+    stages = [e.stage for e in events]
+    order = [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s]
+    assert order == ["queued", "coalescing", "uploading", "done"]
+    assert {e.stage: e.percent for e in events} == {"queued": 0, "coalescing": 25,
+                                                   "uploading": 50, "done": 100}
+    for stage, total in (("coalescing", res.virtual_size), ("uploading", res.stream_size)):
+        ev = [e for e in events if e.stage == stage]
+        done = [e.bytes_done for e in ev]
+        assert done == sorted(done), f"{stage} progress went backwards"
+        assert all(e.bytes_total == total for e in ev)
+        assert all(0.0 <= e.fraction <= 1.0 for e in ev)
+    up = [e for e in events if e.stage == "uploading"]
+    assert up[-1].bytes_done == res.stream_size
+    assert up[-1].blocks_done == up[-1].blocks_total == res.blocks_stored
+    assert events[-1].bytes_done == events[-1].bytes_total == res.stream_size
+    assert events[-1].eta == 0.0
+    assert res.segments >= 2
+    assert not os.path.exists(job_state_path(url, tmp_path / "state"))
+    # restore gives the chain's disk exactly; metadata describes it
+    out = tmp_path / "restored.vhd"
+    man = restore(url, out)
+    assert digest_of(out) == digest_of(chain.leaf)
+    assert man.metadata["virtual-size"] == str(chain.virtual_size)
+    assert man.metadata["sha256"] == res.sha256
+    assert man.metadata["codec"] and man.metadata["vhdcore-version"]
+    raw = tmp_path / "restored.raw"
+    restore(url, raw, format="raw")
+    with Chain.open(chain.leaf) as c:
+        assert hashlib.sha256(raw.read_bytes()).hexdigest() == hashlib.sha256(
+            c.read(0, c.virtual_size)).hexdigest()
+    assert file_hashes(chain.paths) == before, "imaging modified the source chain"
+
+
+@pytest.mark.skipif(shutil.which("lz4") is None, reason="lz4 tool not installed")
+def test_stock_lz4_restores_the_stored_image(chain, tmp_path):
+    url = f"file://{tmp_path}/image"
+    create_image(chain.leaf, url, segment_size=5 * MiB, state_dir=tmp_path)
+    seg_dir = tmp_path / "image.segments"
+    whole = b"".join(p.read_bytes() for p in sorted(seg_dir.glob("*.lz4")))
+    (tmp_path / "image.vhd.lz4").write_bytes(whole)
+    subprocess.run(["lz4", "-d", "-f", "-q", str(tmp_path / "image.vhd.lz4"),
+                    str(tmp_path / "image.vhd")], check=True)
+    assert digest_of(tmp_path / "image.vhd") == digest_of(chain.leaf)
+    if shutil.which("qemu-img"):
+        subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(tmp_path / "image.vhd"),
+                        str(tmp_path / "q.raw")], check=True)
+        with Chain.open(chain.leaf) as c:
+            assert (tmp_path / "q.raw").read_bytes() == c.read(0, c.virtual_size)
+
+
+class _Clock:
+    """A monotonic clock that jumps far ahead once ``jump`` is set, or after
+    ``after`` readings."""
+
+    def __init__(self, after: int | None = None) -> None:
+        import time as _t
+
+        self.after = after
+        self.jump = False
+        self.n = 0
+        self._t = _t
+
+    def monotonic(self) -> float:
+        self.n += 1
+        if self.after is not None and self.n > self.after:
+            self.jump = True
+        return self._t.monotonic() + (1e9 if self.jump else 0.0)
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
+
+
+def _counting(monkeypatch):
+    stores = []
+    real = imaging.open_store
+
+    def wrapped(url, **kw):
+        s = CountingStore(real(url, **kw))
+        stores.append(s)
+        return s
+
+    monkeypatch.setattr(imaging, "open_store", wrapped)
+    return stores
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_timeout_then_resume_matches_uninterrupted(chain, tmp_path, monkeypatch, seed):
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "job").mkdir()
+    ref_url = f"file://{tmp_path}/ref/image"
+    ref = create_image(chain.leaf, ref_url, segment_size=5 * MiB, state_dir=tmp_path)
+    ref_man = open_store(ref_url).get_manifest()
+    url = f"file://{tmp_path}/job/image"
+    stores = _counting(monkeypatch)
+    # stop at its timeout at a random point of the upload, then resume
+    stop_at = random.Random(seed).randrange(1, ref.stream_size)
+    clock = _Clock()
+    monkeypatch.setattr(imaging, "time", clock)
+
+    def watch(ev):
+        if ev.stage == "uploading" and ev.bytes_done >= stop_at:
+            clock.jump = True
+
+    with pytest.raises(VhdTimeoutError, match="--resume"):
+        create_image(chain.leaf, url, segment_size=5 * MiB, timeout=100, progress=watch)
+    assert os.path.exists(job_state_path(url))
+    with pytest.raises(StoreError):
+        open_store(url).get_manifest()  # nothing claims to be complete
+    import time as real_time
+
+    monkeypatch.setattr(imaging, "time", real_time)
+    res = create_image(chain.leaf, url, segment_size=5 * MiB, resume=True)
+    assert res.resumed
+    first, second = stores[0].puts, stores[1].puts
+    assert first, "the first run stopped before uploading anything"
+    assert not set(first) & set(second), "a finished segment was sent again"
+    assert sorted(first + second) == list(range(ref.segments))
+    man = open_store(url).get_manifest()
+    assert [(s.size, s.etag) for s in man.segments] == [(s.size, s.etag) for s in ref_man.segments]
+    assert man.metadata["sha256"] == ref.sha256
+    assert not os.path.exists(job_state_path(url))
+
+
+def test_interrupt_then_resume(chain, tmp_path):
+    url = f"file://{tmp_path}/image"
+    calls = {"n": 0}
+
+    def ctrl_c(ev):
+        calls["n"] += 1
+        if ev.stage == "uploading" and ev.bytes_done > 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(VhdTimeoutError, match="interrupted"):
+        create_image(chain.leaf, url, segment_size=5 * MiB, progress=ctrl_c)
+    res = create_image(chain.leaf, url, segment_size=5 * MiB, resume=True)
+    out = tmp_path / "r.vhd"
+    restore(url, out)
+    assert digest_of(out) == digest_of(chain.leaf)
+    assert res.sha256 == open_store(url).get_manifest().metadata["sha256"]
+
+
+def test_coalesce_timeout_then_resume(chain, tmp_path, monkeypatch):
+    url = f"file://{tmp_path}/image"
+    monkeypatch.setattr(imaging, "time", _Clock(6))
+    with pytest.raises(VhdTimeoutError, match="coalesc"):
+        create_image(chain.leaf, url, coalesce_timeout=50)
+    state = json.loads(open(job_state_path(url)).read())
+    assert state["stage"] == "coalescing" and 0 < state["scanned_to"]
+    import time as real_time
+
+    monkeypatch.setattr(imaging, "time", real_time)
+    create_image(chain.leaf, url, resume=True)
+    out = tmp_path / "r.vhd"
+    restore(url, out)
+    assert digest_of(out) == digest_of(chain.leaf)
+
+
+def test_job_state_rules(chain, tmp_path, monkeypatch):
+    url = f"file://{tmp_path}/image"
+    with pytest.raises(JobStateError, match="nothing to resume"):
+        create_image(chain.leaf, url, resume=True)
+    monkeypatch.setattr(imaging, "time", _Clock(5))
+    with pytest.raises(VhdTimeoutError):
+        create_image(chain.leaf, url, timeout=10)
+    import time as real_time
+
+    monkeypatch.setattr(imaging, "time", real_time)
+    # a state exists: a plain re-run must not silently resume or discard it
+    with pytest.raises(JobStateError, match="--resume"):
+        create_image(chain.leaf, url)
+    # the state belongs to another job when the source is another chain
+    other = make_chain(tmp_path / "other", "sparse", size=8 * MiB, layers=2, seed=9)
+    with pytest.raises(JobStateError, match="another job"):
+        create_image(other.leaf, url, resume=True)
+    # a damaged state file
+    spath = job_state_path(url)
+    good = open(spath).read()
+    open(spath, "w").write("{garbage")
+    with pytest.raises(JobStateError):
+        create_image(chain.leaf, url, resume=True)
+    open(spath, "w").write(good)
+    create_image(chain.leaf, url, restart=True)
+    assert not os.path.exists(spath)
+
+
+def test_estimate_matches_what_is_stored(chain, tmp_path):
+    est = estimate(chain.leaf)
+    res = create_image(chain.leaf, f"file://{tmp_path}/image")
+    assert est["blocks_stored"] == res.blocks_stored
+    assert est["stream_bytes"] == res.stream_size
+    assert est["virtual_size"] == res.virtual_size
+    assert est["vhd_bytes"] == sum(os.path.getsize(p) for p in chain.paths)
+    assert abs(est["expected_compressed_bytes"] - res.compressed_size) <= 0.15 * res.compressed_size
+    assert est["rule_of_thumb_seconds"] == pytest.approx(est["vhd_bytes"] / 1e9 * 120, abs=0.1)
+    assert est["predicted_seconds"] > 0
+    assert [ly["allocated_bytes"] for ly in est["layers"]][::-1] == [
+        w for w in chain.written]
+
+
+def test_bad_input_and_refusing_targets(chain, tmp_path):
+    not_vhd = tmp_path / "x.vhd"
+    not_vhd.write_bytes(b"hello" * 1000)
+    with pytest.raises(VhdError):
+        create_image(not_vhd, f"file://{tmp_path}/a")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for p in chain.paths[1:]:
+        shutil.copy(p, broken / p.name)  # the base is missing
+    with pytest.raises(VhdError, match="parent"):
+        create_image(broken / chain.leaf.name, f"file://{tmp_path}/b")
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    with pytest.raises((StoreError, OSError)):
+        create_image(chain.leaf, f"file://{blocker}/sub/image", state_dir=tmp_path / "st")
+    with pytest.raises(StoreError):
+        create_image(chain.leaf, "ftp://example/image")
+
+
+def _cli(*args, check=None):
+    return subprocess.run([sys.executable, "-m", "vhdcore", *map(str, args)], capture_output=True,
+                          text=True)
+
+
+def test_cli_contract(chain, tmp_path):
+    url = f"file://{tmp_path}/image"
+    r = _cli("image", chain.leaf, "--to", url, "--json", "--timeout", "0", "--no-fs-aware")
+    assert r.returncode == 4, r.stderr
+    assert "--resume" in r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert lines[0]["event"] == "progress" and lines[0]["stage"] == "queued"
+    assert lines[-1]["event"] == "error" and lines[-1]["exit_code"] == 4
+    r = _cli("image", chain.leaf, "--to", url, "--json", "--no-fs-aware")
+    assert r.returncode == 1 and "--resume" in r.stderr
+    r = _cli("image", chain.leaf, "--to", url, "--json", "--resume", "--no-fs-aware")
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(x) for x in r.stdout.splitlines()]
+    stages = [e.get("stage") for e in events if e["event"] == "progress"]
+    assert stages[0] == "queued" and stages[-1] == "done"
+    assert events[-1]["event"] == "result"
+    r = _cli("restore", url, tmp_path / "r.raw", "--format", "raw")
+    assert r.returncode == 0, r.stderr
+    r = _cli("estimate", chain.leaf, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["blocks_stored"] > 0
+    r = _cli("image", tmp_path / "missing.vhd", "--to", url + "2")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    r = _cli("restore", f"file://{tmp_path}/nothing-here", tmp_path / "x.vhd")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.vhd").exists()
+
+
+def test_cli_demo_runs(tmp_path):
+    r = _cli("demo", "--size", "48M", "--json")
+    assert r.returncode == 0, r.stderr
+    last = json.loads(r.stdout.splitlines()[-1])
+    assert last["event"] == "result" and last["verified"] is True
+    assert last["stored_bytes"] < last["vhd_files_bytes"]
