@@ -377,6 +377,11 @@ def _estimate(ns: argparse.Namespace) -> int:
         print(f"  partition {p.get('index')}: {p.get('fs') or 'unknown'} {p.get('state')}, "
               f"used {human_size(p.get('used_bytes') or 0)}, free "
               f"{human_size(p.get('free_bytes') or 0)}")
+    wo = est.get("without_fs_aware")
+    if wo:
+        print(f"without --fs-aware      {human_size(wo['data_bytes'])} of data in "
+              f"{wo['blocks_stored']} blocks, expected compressed "
+              f"{human_size(wo['expected_compressed_bytes'])}")
     print(f"time, 2 minutes per GB  {est['rule_of_thumb_seconds']:.0f} s")
     print(f"time, vhdcore predicted {est['predicted_seconds']:.1f} s (measured on this machine)")
     return EXIT_OK
@@ -392,6 +397,30 @@ def _demo(ns: argparse.Namespace) -> int:
                        say=say, keep=ns.keep)
     if ns.json:
         print(json.dumps({"event": "result", **figures}))
+    return EXIT_OK
+
+
+@_command("fsmap")
+def _fsmap(ns: argparse.Namespace) -> int:
+    from .chain import Chain
+    from .fsmap import map_disk
+
+    with Chain.open(ns.leaf, **_chain_options(ns)) as chain:
+        dmap = map_disk(chain.read, chain.virtual_size)
+        vsize = chain.virtual_size
+    if ns.json:
+        _print_json(dmap.to_json(include_ranges=ns.ranges))
+        return EXIT_OK
+    print(f"{ns.leaf}: {human_size(vsize)}, partition table: {dmap.table}")
+    for p in dmap.partitions:
+        print(f"  {p.index:2} {p.table:4} {human_size(p.start):>10} +{human_size(p.length):>10}  "
+              f"{p.fs or p.type_hint or 'unknown':8} {p.state:16} used {human_size(p.used_bytes)}"
+              f", free {human_size(p.free_bytes)}" + (f"  ({p.reason})" if p.reason else ""))
+        for w in p.warnings:
+            print(f"       warning: {w}")
+    for w in dmap.warnings:
+        print(f"  warning: {w}")
+    print(f"skippable: {human_size(dmap.free_bytes)} of {human_size(vsize)}")
     return EXIT_OK
 
 
@@ -527,6 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", help="keep the files here instead of a temporary directory")
     s.add_argument("--keep", action="store_true", help="do not delete the temporary directory")
     s.add_argument("--json", action="store_true", help="JSON events on stdout")
+
+    s = sub.add_parser("fsmap", help="partitions and filesystems of the virtual disk, their "
+                                     "state and free space")
+    s.add_argument("leaf")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--ranges", action="store_true", help="with --json: list the free ranges")
+    _add_chain_options(s)
 
     for extra in _EXTRA_PARSERS:
         extra(sub)

@@ -45,19 +45,30 @@ def estimate(leaf: PathLike, *, threads: int = 2, sample_blocks: int = 48,
         fs_info = None
         if fs_aware and free_map is None:
             free_map, fs_info = fs_free_map(chain)
-        t = time.perf_counter()
-        stored: list[int] = []
-        sectors = 0
-        samples: list[bytes] = []
         candidates = chain.allocated_blocks()
-        nsample_every = max(1, len(candidates) // max(1, sample_blocks))
-        for i, blk in enumerate(iter_image_blocks(chain, threads=threads, free_map=free_map)):
-            stored.append(blk.index)
-            sectors += blk.sectors_set
-            if blk.index % nsample_every == 0 and len(samples) < sample_blocks:
-                samples.append(bytes(blk.bitmap) + bytes(blk.data))
-        scan_seconds = time.perf_counter() - t
         layout = DynamicLayout(chain.virtual_size, chain.block_size)
+        nsample_every = max(1, len(candidates) // max(1, sample_blocks))
+
+        def scan(fmap: FreeMap | None) -> tuple[list[int], int, list[bytes], float]:
+            t = time.perf_counter()
+            stored: list[int] = []
+            sectors = 0
+            samples: list[bytes] = []
+            for blk in iter_image_blocks(chain, threads=threads, free_map=fmap):
+                stored.append(blk.index)
+                sectors += blk.sectors_set
+                if blk.index % nsample_every == 0 and len(samples) < sample_blocks:
+                    samples.append(bytes(blk.bitmap) + bytes(blk.data))
+            return stored, sectors, samples, time.perf_counter() - t
+
+        without: dict[str, Any] | None = None
+        if free_map is not None:
+            s0, sec0, smp0, _ = scan(None)
+            without = {"blocks_stored": len(s0), "data_bytes": sec0 * 512,
+                       "stream_bytes": layout.stream_size(len(s0)),
+                       "expected_compressed_bytes": _compressed_guess(
+                           layout.stream_size(len(s0)), smp0)}
+        stored, sectors, samples, scan_seconds = scan(free_map)
         stream = layout.stream_size(len(stored))
         # sample compression: ratio and single-thread speed
         raw = comp = 0
@@ -96,4 +107,12 @@ def estimate(leaf: PathLike, *, threads: int = 2, sample_blocks: int = 48,
         }
         if fs_info is not None:
             out["filesystems"] = fs_info
+        if without is not None:
+            out["without_fs_aware"] = without
         return out
+
+
+def _compressed_guess(stream: int, samples: list[bytes]) -> int:
+    raw = sum(len(s) for s in samples)
+    comp = sum(len(compress_frame(s)) for s in samples)
+    return int(stream * comp / raw) if raw else 0
