@@ -332,3 +332,20 @@ def test_cli_demo_runs(tmp_path):
     last = json.loads(r.stdout.splitlines()[-1])
     assert last["event"] == "result" and last["verified"] is True
     assert last["stored_bytes"] < last["vhd_files_bytes"]
+
+
+def test_zero_blocks_are_never_compressed_or_sent(tmp_path, monkeypatch):
+    """A mostly-zero disk, including allocated blocks that hold only zeros:
+    exactly the stored blocks (+ head and footer) are compressed and sent."""
+    w = make_chain(tmp_path / "c", "sparse", size=64 * MiB, layers=2, seed=3,
+                   block_size=512 * 1024)
+    with Chain.open(w.leaf) as c:
+        candidates = len(c.allocated_blocks())
+    calls = []
+    real = imaging.compress_frame
+    monkeypatch.setattr(imaging, "compress_frame", lambda b: calls.append(len(b)) or real(b))
+    (tmp_path / "o").mkdir()
+    res = create_image(w.leaf, f"file://{tmp_path}/o/img")
+    assert res.blocks_stored < candidates  # the all-zero allocated blocks were dropped
+    assert len(calls) == res.blocks_stored + 2
+    assert res.stream_size == (calls[0] + sum(calls[1:-1]) + calls[-1])
