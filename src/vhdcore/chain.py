@@ -397,8 +397,6 @@ class Chain:
             buf[-SECTOR:] = self.read((last - 1) * SECTOR, SECTOR).ljust(SECTOR, b"\0")
         buf[head : head + len(data)] = data
         self.leaf.write_sectors(first, buf)
-        for ly in self.layers[1:]:
-            ly._map()
 
 
 def _check_parent(child: VhdFile, parent: VhdFile) -> None:
