@@ -27,7 +27,9 @@ class SimulatedCrash(BaseException):
 class FaultPlan:
     """Fail the ``at``-th operation (1-based, counting writes, fsyncs,
     truncates and renames) with ``kind``: ``"eio"``, ``"enospc"``,
-    ``"short"`` (a write that stores only half its bytes, then fails) or
+    ``"short"`` (a write that stores the whole sectors of its first half,
+    then fails: storage tears writes at sector boundaries, so a write of one
+    sector stores nothing) or
     ``"stop"`` (:class:`SimulatedCrash`).  ``count`` records how many
     operations were seen (run once with ``at=0`` to count them)."""
 
@@ -39,6 +41,7 @@ class FaultPlan:
 
 
 _plan: FaultPlan | None = None
+_SECTOR = 512
 _lock = threading.Lock()
 
 
@@ -68,7 +71,11 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
     plan = _tick("pwrite")
     if plan is not None:
         if plan.kind == "short" and len(view) > 1:
-            os.pwrite(fd, view[: len(view) // 2], offset)
+            # storage writes whole sectors or nothing: a torn write keeps the
+            # complete sectors of its first half (none of a one-sector write)
+            keep = (offset + len(view) // 2) // _SECTOR * _SECTOR - offset
+            if keep > 0:
+                os.pwrite(fd, view[:keep], offset)
             raise OSError(errno.EIO, f"short write (injected at operation {plan.count})")
         _fail(plan, "pwrite")
     while len(view):

@@ -17,8 +17,15 @@ Conventions shared with the kernel:
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import xxhash
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 SECTOR = 512
 
@@ -36,14 +43,15 @@ KERNEL_NAMES = (
 )
 
 
-def _u8(buf, writable: bool = False) -> np.ndarray:
-    a = np.frombuffer(buf, dtype=np.uint8)
+def _u8(buf: ReadableBuffer, writable: bool = False) -> np.ndarray:
+    # numpy's stubs accept any buffer in frombuffer only for Python 3.12+
+    a: np.ndarray = np.frombuffer(buf, dtype=np.uint8)  # type: ignore[call-overload]
     if writable and not a.flags.writeable:
         raise ValueError("output buffer is read-only")
     return a
 
 
-def _check(nsectors: int, bitmaps=(), datas=()) -> None:
+def _check(nsectors: int, bitmaps: Sequence[np.ndarray] = (), datas: Sequence[np.ndarray] = ()) -> None:
     if nsectors < 0:
         raise ValueError(f"nsectors must be >= 0, got {nsectors}")
     nb = (nsectors + 7) // 8
@@ -69,7 +77,9 @@ def _store_bits(bitmap: np.ndarray, bits: np.ndarray) -> None:
         bitmap[full] = (int(bitmap[full]) & (0xFF ^ mask)) | (int(packed[full]) & mask)
 
 
-def overlay(src_bitmap, src_data, out_bitmap, out_data, nsectors: int) -> int:
+def overlay(
+    src_bitmap: ReadableBuffer, src_data: ReadableBuffer, out_bitmap: WriteableBuffer, out_data: WriteableBuffer, nsectors: int
+) -> int:
     """Copy each sector set in ``src_bitmap`` and clear in ``out_bitmap`` from
     ``src_data`` to ``out_data`` and set its bit in ``out_bitmap`` (a younger
     layer already in ``out`` wins).  Returns the number of sectors copied."""
@@ -86,7 +96,7 @@ def overlay(src_bitmap, src_data, out_bitmap, out_data, nsectors: int) -> int:
     return n
 
 
-def overlay_full(src_data, out_bitmap, out_data, nsectors: int) -> int:
+def overlay_full(src_data: ReadableBuffer, out_bitmap: WriteableBuffer, out_data: WriteableBuffer, nsectors: int) -> int:
     """``overlay`` for a layer where every sector is present (a fixed disk)."""
     sd, ob, od = _u8(src_data), _u8(out_bitmap, True), _u8(out_data, True)
     _check(nsectors, (ob,), (sd, od))
@@ -101,7 +111,7 @@ def overlay_full(src_data, out_bitmap, out_data, nsectors: int) -> int:
     return n
 
 
-def fill_unset(bitmap, data, nsectors: int) -> int:
+def fill_unset(bitmap: ReadableBuffer, data: WriteableBuffer, nsectors: int) -> int:
     """Zero every sector of ``data`` whose bit is clear.  Returns how many."""
     b, d = _u8(bitmap), _u8(data, True)
     _check(nsectors, (b,), (d,))
@@ -112,7 +122,7 @@ def fill_unset(bitmap, data, nsectors: int) -> int:
     return n
 
 
-def bitmap_or(src, dst, nbytes: int) -> None:
+def bitmap_or(src: ReadableBuffer, dst: WriteableBuffer, nbytes: int) -> None:
     """``dst[:nbytes] |= src[:nbytes]``."""
     s, d = _u8(src), _u8(dst, True)
     if nbytes < 0 or len(s) < nbytes or len(d) < nbytes:
@@ -120,20 +130,20 @@ def bitmap_or(src, dst, nbytes: int) -> None:
     d[:nbytes] |= s[:nbytes]
 
 
-def bitmap_count(bitmap, nsectors: int) -> int:
+def bitmap_count(bitmap: ReadableBuffer, nsectors: int) -> int:
     """Number of set bits among the first ``nsectors``."""
     b = _u8(bitmap)
     _check(nsectors, (b,))
     return int(_bits(b, nsectors).sum())
 
 
-def find_runs(bitmap, nsectors: int, runs) -> int:
+def find_runs(bitmap: ReadableBuffer, nsectors: int, runs: WriteableBuffer) -> int:
     """Write the runs of set bits as ``(start, length)`` pairs into the uint32
     buffer ``runs`` and return how many runs there are.  ``runs`` must hold
     ``2 * (nsectors // 2 + 1)`` entries (the most runs a bitmap can have)."""
     b = _u8(bitmap)
     _check(nsectors, (b,))
-    r = np.frombuffer(runs, dtype=np.uint32)
+    r: np.ndarray = np.frombuffer(runs, dtype=np.uint32)  # type: ignore[call-overload]
     if not r.flags.writeable:
         raise ValueError("output buffer is read-only")
     if nsectors > 0xFFFFFFFF:
@@ -151,7 +161,7 @@ def find_runs(bitmap, nsectors: int, runs) -> int:
     return int(n)
 
 
-def is_zero(data, offset: int = 0, length: int = -1) -> bool:
+def is_zero(data: ReadableBuffer, offset: int = 0, length: int = -1) -> bool:
     """True when ``data[offset:offset+length]`` (to the end if length < 0) is all zeros."""
     d = _u8(data)
     if offset < 0 or offset > len(d) or (length >= 0 and offset + length > len(d)):
@@ -161,7 +171,7 @@ def is_zero(data, offset: int = 0, length: int = -1) -> bool:
     return not bool(d[offset : offset + length].any())
 
 
-def clear_zero_sectors(bitmap, data, nsectors: int) -> int:
+def clear_zero_sectors(bitmap: WriteableBuffer, data: ReadableBuffer, nsectors: int) -> int:
     """Clear the bit of every set sector whose data is all zeros.  Returns the
     number of bits still set."""
     b, d = _u8(bitmap, True), _u8(data)
@@ -173,7 +183,9 @@ def clear_zero_sectors(bitmap, data, nsectors: int) -> int:
     return int(bits.sum())
 
 
-def drop_equal_sectors(bitmap, data, ref_bitmap, ref_data, nsectors: int) -> int:
+def drop_equal_sectors(
+    bitmap: WriteableBuffer, data: ReadableBuffer, ref_bitmap: ReadableBuffer, ref_data: ReadableBuffer, nsectors: int
+) -> int:
     """Clear the bit of every sector set in both bitmaps whose data equals the
     reference's.  Returns the number of bits cleared."""
     b, d, rb, rd = _u8(bitmap, True), _u8(data), _u8(ref_bitmap), _u8(ref_data)
@@ -191,6 +203,6 @@ def drop_equal_sectors(bitmap, data, ref_bitmap, ref_data, nsectors: int) -> int
     return n
 
 
-def fingerprint(data) -> int:
+def fingerprint(data: ReadableBuffer) -> int:
     """xxh3-64 of the buffer, as an unsigned int."""
     return xxhash.xxh3_64_intdigest(data)

@@ -142,6 +142,9 @@ class Chain:
     # --------------------------------------------------------------- opening
     @classmethod
     def from_layers(cls, layers: list[VhdFile], *, owned: bool = True) -> "Chain":
+        """A chain of files the caller has already opened and linked, leaf
+        first (no parent resolution or link checks: :meth:`open` does those).
+        ``owned``: :meth:`close` closes them."""
         return cls(layers, owned=owned)
 
     @classmethod
@@ -207,6 +210,7 @@ class Chain:
         return cls(layers)
 
     def close(self) -> None:
+        """Close the chain's files (when it owns them); ``with`` does this."""
         if self._owned:
             for ly in self.layers:
                 ly.close()
@@ -225,6 +229,7 @@ class Chain:
 
     # ---------------------------------------------------------------- blocks
     def block_sectors(self, block: int) -> int:
+        """Number of sectors of the virtual disk in ``block`` (the last may be short)."""
         rest = self.virtual_size - block * self.block_size
         if rest <= 0:
             return 0
@@ -274,6 +279,22 @@ class Chain:
         if filled < n:
             kernels.fill_unset(out_bitmap, out_data, n)
         return filled
+
+    def release_block(self, block: int) -> None:
+        """Drop the pages of ``block`` from this process's mappings of every
+        layer (after merging it).  The files are mapped read-only, so nothing is
+        lost: the kernel keeps them in its page cache and a later access maps
+        them again.  Keeps peak RSS at the blocks in flight instead of every
+        page ever read."""
+        for ly in self.layers:
+            if ly.is_fixed:
+                start = block * self.block_size
+                if start < ly.virtual_size:
+                    _drop_pages(ly, start, min(self.block_size, ly.virtual_size - start))
+            else:
+                off = ly.block_offset(block)
+                if off is not None:
+                    _drop_pages(ly, off, ly.bitmap_size + ly.block_size)
 
     def block_owners(self, block: int) -> np.ndarray:
         """Per sector of ``block``: the index in ``layers`` of the layer that
@@ -361,6 +382,7 @@ class Chain:
                 n = min(n, self.virtual_size - blk * self.block_size)
                 if self.merge_block(blk, data, bm) and not kernels.is_zero(data, 0, n):
                     _io.pwrite_all(fd, data[:n], blk * self.block_size)
+                self.release_block(blk)
             _io.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -397,6 +419,23 @@ class Chain:
             buf[-SECTOR:] = self.read((last - 1) * SECTOR, SECTOR).ljust(SECTOR, b"\0")
         buf[head : head + len(data)] = data
         self.leaf.write_sectors(first, buf)
+
+
+_PAGE = mmap.PAGESIZE
+_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+
+
+def _drop_pages(vhd: VhdFile, offset: int, length: int) -> None:
+    mm = vhd._mm
+    if mm is None or _DONTNEED is None:
+        return
+    start = offset // _PAGE * _PAGE
+    end = min(len(mm), offset + length)
+    if end > start:
+        try:
+            mm.madvise(_DONTNEED, start, end - start)
+        except (OSError, ValueError):  # pragma: no cover - advice only
+            pass
 
 
 def _check_parent(child: VhdFile, parent: VhdFile) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 from .chain import Chain
 from .disk import PathLike, VhdFile
 from .errors import VhdError
-from .format import BAT_UNUSED, FOOTER_SIZE, HEADER_SIZE, SECTOR, Footer
+from .format import BAT_UNUSED, FOOTER_SIZE, SECTOR, Footer
 
 __all__ = ["Problem", "check_file", "check_chain"]
 
@@ -37,6 +37,7 @@ class Problem:
         return f"{self.severity}: {', '.join(where)}: {self.message}"
 
     def to_json(self) -> dict[str, object]:
+        """The problem as a JSON-ready dict (``vhdcore check --json``)."""
         return asdict(self)
 
 
@@ -64,44 +65,27 @@ def _check_open(vhd: VhdFile) -> list[Problem]:
         try:
             copy = Footer.parse(vhd.mv[:FOOTER_SIZE], source=path, offset=0)
             if copy.pack() != vhd.footer.pack():
-                p.append(Problem(path, "footer copy at offset 0 differs from the primary footer",
-                                 offset=0))
+                # the state between the two writes of a footer update: the
+                # primary is in force ('vhdcore repair' rewrites the copy)
+                p.append(Problem(path, "footer copy at offset 0 differs from the primary footer "
+                                       "(an interrupted update; 'vhdcore repair' rewrites it)",
+                                 offset=0, severity="warning"))
         except VhdError as exc:
             p.append(Problem(path, f"footer copy at offset 0 is damaged: {exc}", offset=0))
     h = vhd.header
     assert h is not None and vhd.bat is not None
     # metadata regions that blocks must not overlap
-    regions: list[tuple[int, int, str]] = [
-        (0, FOOTER_SIZE, "footer copy"),
-        (vhd.footer.data_offset, vhd.footer.data_offset + HEADER_SIZE, "dynamic header"),
-        (h.table_offset, h.table_offset + -(-vhd.nblocks * 4 // SECTOR) * SECTOR, "BAT"),
-    ]
-    for loc in h.locators:
-        if loc.used:
-            regions.append((loc.data_offset, loc.data_offset + loc.space_bytes,
-                            f"parent locator {loc.code.decode('latin-1')}"))
+    regions = vhd.metadata_regions()
     try:
         vhd.parent_locators()
     except VhdError as exc:
         p.append(Problem(path, str(exc)))
+    for blk, off, message in vhd.layout_conflicts():
+        p.append(Problem(path, message, offset=off, block=blk))
     alloc = np.nonzero(vhd.bat != BAT_UNUSED)[0]
     if alloc.size:
         starts = vhd.bat[alloc].astype(np.int64) * SECTOR
         size = vhd.bitmap_size + vhd.block_size
-        order = np.argsort(starts, kind="stable")
-        s_sorted = starts[order]
-        overl = np.nonzero(s_sorted[1:] < s_sorted[:-1] + size)[0]
-        for k in overl[:100]:
-            a, b = int(alloc[order[k]]), int(alloc[order[k + 1]])
-            p.append(Problem(path, f"block {b} (offset {int(s_sorted[k + 1])}) overlaps block {a} "
-                                   f"(offset {int(s_sorted[k])})", offset=int(s_sorted[k + 1]),
-                             block=b))
-        for r0, r1, what in regions:
-            hit = np.nonzero((starts < r1) & (starts + size > r0))[0]
-            for k in hit[:100]:
-                blk = int(alloc[k])
-                p.append(Problem(path, f"block {blk} overlaps the {what} ({r0}..{r1})",
-                                 offset=int(starts[k]), block=blk))
         end = vhd.footer_offset
         past = np.nonzero(starts + size > end)[0]
         for k in past[:100]:

@@ -27,13 +27,14 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import xxhash
 
 from . import _io, kernels
 from ._version import __version__
-from .chain import Chain, aligned_buffer
+from .chain import Chain, _drop_pages, aligned_buffer
 from .disk import PathLike, VhdFile, create_differencing
 from .errors import (
     CheckpointError,
@@ -114,7 +115,7 @@ class FsFreeMap:
             block, self.block_size)
 
 
-def fs_free_map(chain: Chain) -> tuple[FsFreeMap, dict]:
+def fs_free_map(chain: Chain) -> tuple[FsFreeMap, dict[str, Any]]:
     """Map the free space of the filesystems on the chain's virtual disk.
     Returns the free map and the JSON summary for metadata and reports."""
     from . import fsmap as _fsmap
@@ -144,7 +145,9 @@ def iter_image_blocks(chain: Chain, *, threads: int = 2, blocks: Iterable[int] |
     if skip:
         todo = [b for b in todo if b not in skip]
     threads = max(1, threads)
-    window = window or threads * 2
+    # buffers for at most the blocks there are (a sparse disk with huge blocks
+    # and nothing stored needs none)
+    window = min(window or threads * 2, len(todo))
     bs = chain.block_size
     pool: list[tuple[memoryview, memoryview]] = [
         (aligned_buffer(chain.bitmap_size), aligned_buffer(bs)) for _ in range(window)
@@ -158,6 +161,7 @@ def iter_image_blocks(chain: Chain, *, threads: int = 2, blocks: Iterable[int] |
         bm, data = bufs
         n = chain.block_sectors(blk)
         filled = chain.merge_block(blk, data, bm)
+        chain.release_block(blk)
         if filled and free_map is not None:
             free = free_map(blk, n)
             if free is not None:
@@ -185,7 +189,7 @@ def iter_image_blocks(chain: Chain, *, threads: int = 2, blocks: Iterable[int] |
                 release(bufs)
         return
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vhdcore-merge") as ex:
-        pending: deque[Future] = deque()
+        pending: deque[Future[tuple[int, int, int, tuple[memoryview, memoryview]]]] = deque()
         it = iter(todo)
         try:
             for blk in it:
@@ -260,6 +264,15 @@ class DynamicLayout:
 # --------------------------------------------------------------------------
 @dataclass
 class FlattenResult:
+    """What :func:`flatten` (or :func:`compact`) wrote.
+
+    ``path`` and ``format`` (``"vhd"``, ``"fixed"`` or ``"raw"``) of the
+    output; the disk's ``virtual_size`` in bytes; ``blocks_stored``, the
+    blocks that hold data (a dynamic output stores only these);
+    ``sectors_stored``, the 512-byte sectors with data in them; and
+    ``bytes_written`` to the output, metadata included for a dynamic VHD.
+    """
+
     path: str
     format: str
     virtual_size: int
@@ -272,7 +285,7 @@ class FlattenResult:
 
 def flatten(leaf: PathLike, out: PathLike, format: str = "vhd", *, threads: int = 2,
             progress: Progress | None = None, free_map: FreeMap | None = None,
-            chain_options: dict | None = None, durable: bool = True,
+            chain_options: dict[str, Any] | None = None, durable: bool = True,
             fs_aware: bool = False) -> FlattenResult:
     """Write the leaf's whole virtual disk, read once through its chain, as one
     standalone image: ``"vhd"`` (sparse dynamic VHD: no all-zero block, bitmap
@@ -404,18 +417,31 @@ def _fingerprint_parent(vhd: VhdFile) -> str:
     return h.hexdigest()
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
+def _write_json_atomic(path: str, obj: dict[str, Any], durable: bool = True) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()
-        _io.fsync(f.fileno())
+        if durable:
+            _io.fsync(f.fileno())
     _io.replace(tmp, path)
-    _fsync_dir(path)
+    if durable:
+        _fsync_dir(path)
 
 
 @dataclass
 class CoalesceResult:
+    """What :func:`coalesce` did.
+
+    ``child`` was merged into ``parent``: ``blocks_merged`` of the child's
+    blocks, ``sectors_written`` sectors written into the parent,
+    ``sectors_skipped_equal`` sectors skipped because the parent already held
+    the same bytes, ``blocks_allocated`` new blocks in the parent.  ``grown``
+    when the parent's virtual size was raised to the child's, ``resumed`` when
+    the run continued from a checkpoint, ``relinked`` the grandchildren
+    re-pointed at the parent, and ``seconds`` the run's wall time.
+    """
+
     child: str
     parent: str
     blocks_merged: int
@@ -467,21 +493,47 @@ def _space_needed(child: VhdFile, parent: VhdFile, new_size: int) -> int:
             need += parent.bitmap_size + parent.block_size
     assert parent.header is not None
     nblocks = -(-new_size // parent.block_size)
-    if nblocks > parent.header.max_table_entries:
+    if _bat_must_move(parent, nblocks):
         need += -(-nblocks * 4 // SECTOR) * SECTOR
     return need + FOOTER_SIZE
 
 
+def _bat_must_move(parent: VhdFile, nblocks: int) -> bool:
+    """True when a BAT of ``nblocks`` entries does not fit where the parent's
+    is: more than its ``max table entries``, or the entries past the current
+    ones would lie over a block or other metadata (a damaged file)."""
+    h = parent.header
+    assert h is not None and parent.bat is not None
+    if nblocks > h.max_table_entries:
+        return True
+    if nblocks <= parent.nblocks:
+        return False
+    a = h.table_offset + parent.nblocks * 4
+    b = h.table_offset + -(-nblocks * 4 // SECTOR) * SECTOR
+    if b > parent.footer_offset:
+        return True
+    if any(r0 < b and r1 > a for r0, r1, _ in parent.metadata_regions() if r0 != h.table_offset):
+        return True
+    starts = parent.bat[parent.bat != BAT_UNUSED].astype(np.int64) * SECTOR
+    return bool(np.any((starts < b) & (starts + parent.bitmap_size + parent.block_size > a)))
+
+
 def _grow_parent(parent: VhdFile, new_size: int) -> None:
-    """Grow the parent's virtual size, in an order that is safe at every step."""
+    """Grow the parent's virtual size, in an order that is safe at every step:
+    whatever write a crash interrupts, the parent reads as before (the child
+    never sees a byte it did not see) until one sector write switches it."""
     if parent.is_fixed:
         old = parent.virtual_size
         new_footer = parent.footer.with_(current_size=new_size, original_size=new_size)
-        # the new footer at the new end first, then zero the old footer's
-        # place, which becomes data (a resumed coalesce repeats this)
-        parent._pwrite(new_footer.pack(), new_size)
+        # 1. the footer at the new end, still saying the old size: the file
+        #    holds more data than the disk shows; 2. zero the old footer's
+        #    place, hidden past the size; 3. one sector write grows the size.
+        #    (a resumed coalesce repeats the steps)
+        parent._pwrite(parent.footer.pack(), new_size)
         _io.fsync(parent._fd)
         parent._pwrite(bytes(FOOTER_SIZE), old)
+        _io.fsync(parent._fd)
+        parent._pwrite(new_footer.pack(), new_size)
         _io.fsync(parent._fd)
         parent.footer = new_footer
         parent.footer_offset = new_size
@@ -491,26 +543,28 @@ def _grow_parent(parent: VhdFile, new_size: int) -> None:
     h = parent.header
     assert h is not None and parent.bat is not None
     nblocks = -(-new_size // parent.block_size)
-    if nblocks > h.max_table_entries:
-        bat = np.full(nblocks, BAT_UNUSED, dtype=np.uint32)
-        bat[: parent.nblocks] = parent.bat
+    bat = np.full(nblocks, BAT_UNUSED, dtype=np.uint32)
+    bat[: parent.nblocks] = parent.bat
+    new_footer = parent.footer.with_(current_size=new_size, original_size=new_size)
+    if _bat_must_move(parent, nblocks):
+        # a new BAT in fresh space, then the header points at it: only the
+        # header's first sector changes, so even a torn write leaves a valid
+        # header (the old or the new one); the size grows with the footer
         raw = encode_bat(bat)
         off = parent.reserve(len(raw))
         parent._pwrite(raw, off)
         _io.fsync(parent._fd)
         parent.write_header(h.with_(table_offset=off, max_table_entries=nblocks))
     else:
-        bat = np.full(nblocks, BAT_UNUSED, dtype=np.uint32)
-        bat[: parent.nblocks] = parent.bat
         if nblocks > parent.nblocks:
             # the entries the new size brings into use must read "unused" on
             # disk before the footer says the disk is larger
             tail = np.full(nblocks - parent.nblocks, BAT_UNUSED, dtype=">u4").tobytes()
             parent._pwrite(tail, h.table_offset + parent.nblocks * 4)
             _io.fsync(parent._fd)
+    parent.write_footer(new_footer)
     parent.bat = bat
     parent.nblocks = nblocks
-    parent.write_footer(parent.footer.with_(current_size=new_size, original_size=new_size))
     parent.virtual_size = new_size
     parent._map()
 
@@ -519,7 +573,7 @@ def coalesce(child: PathLike, *, relink_children: Sequence[PathLike] = (),
              siblings: Sequence[PathLike] = (), deadline: float | None = None,
              timeout: float | None = None, checkpoint_dir: PathLike | None = None,
              progress: Progress | None = None, batch_blocks: int = 64,
-             chain_options: dict | None = None, skip_space_check: bool = False,
+             chain_options: dict[str, Any] | None = None, skip_space_check: bool = False,
              durable: bool = True) -> CoalesceResult:
     """Merge the differencing disk ``child`` into its immediate parent, in place.
 
@@ -557,7 +611,7 @@ def coalesce(child: PathLike, *, relink_children: Sequence[PathLike] = (),
                                 "coalesce into")
         parent_path = chain.layers[1].path
     cpath = checkpoint_path(child, checkpoint_dir)
-    ck: dict | None = None
+    ck: dict[str, Any] | None = None
     if os.path.exists(cpath):
         try:
             with open(cpath) as f:
@@ -582,7 +636,7 @@ def coalesce(child: PathLike, *, relink_children: Sequence[PathLike] = (),
         cvhd.close()
 
 
-def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict | None, cpath: str,
+def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict[str, Any] | None, cpath: str,
                    relink_children: Sequence[PathLike], siblings: Sequence[PathLike],
                    deadline: float | None, progress: Progress | None, batch_blocks: int,
                    t0: float, skip_space_check: bool, durable: bool = True) -> CoalesceResult:
@@ -611,7 +665,10 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict | None, cpath: str,
                 "into it would change what they read")
     new_size = max(pvhd.virtual_size, cvhd.virtual_size)
     grow = new_size > pvhd.virtual_size
-    if grow and pvhd.is_fixed and pvhd.footer_offset != pvhd.virtual_size:
+    resuming_fixed_growth = (ck is not None and ck.get("stage") == "growing"
+                             and pvhd.footer_offset == ck.get("grow_to"))
+    if (grow and pvhd.is_fixed and pvhd.footer_offset != pvhd.virtual_size
+            and not resuming_fixed_growth):
         # growing writes the footer at the new size and zeroes the old one's
         # place: bytes between the virtual size and the footer would show
         raise CoalesceError(
@@ -624,7 +681,7 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict | None, cpath: str,
             raise NoSpaceError(
                 f"coalescing {cvhd.path} into {pvhd.path} needs up to {need} bytes of free "
                 f"space; {free} are available", needed=need, available=free)
-    state = {
+    state: dict[str, Any] = {
         "version": CHECKPOINT_VERSION,
         "tool": f"vhdcore {__version__}",
         "child": os.path.abspath(cvhd.path),
@@ -645,19 +702,22 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict | None, cpath: str,
         grow_from = int(ck["grow_from"]) if ck and ck.get("stage") == "growing" \
             else pvhd.virtual_size
         state.update(stage="growing", grow_from=grow_from, grow_to=new_size)
-        _write_json_atomic(cpath, state)
+        _write_json_atomic(cpath, state, durable)
         if pvhd.virtual_size < new_size:
             _grow_parent(pvhd, new_size)
         elif pvhd.is_fixed:
             # the new footer was written; make sure the old one's place reads zero
             pvhd._pwrite(bytes(FOOTER_SIZE), grow_from)
             _io.fsync(pvhd._fd)
+        else:
+            # the footer grew; its copy at offset 0 may not have
+            pvhd.sync_footer_copy()
         state.update(stage="merging", parent_fingerprints=[_fingerprint_parent(pvhd)])
         state.pop("grow_from", None)
         state.pop("grow_to", None)
-        _write_json_atomic(cpath, state)
+        _write_json_atomic(cpath, state, durable)
     else:
-        _write_json_atomic(cpath, state)
+        _write_json_atomic(cpath, state, durable)
     blocks = [int(b) for b in cvhd.allocated_blocks()]
     total = len(blocks)
     merged = written = skipped = allocated = 0
@@ -672,7 +732,7 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict | None, cpath: str,
     def checkpoint(next_block: int) -> None:
         pvhd.flush(durable=durable)
         state["next_block"] = next_block
-        _write_json_atomic(cpath, state)
+        _write_json_atomic(cpath, state, durable)
 
     old_handler = None
     stop_flag = {"sig": False}
@@ -697,6 +757,7 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict | None, cpath: str,
                     f"{done_before + i}/{total} blocks; run it again to resume from {cpath}")
                 break
             w, s, a = _merge_one(cvhd, pvhd, blk, cbm, runs, newblk)
+            _release_block_pages(cvhd, pvhd, blk)
             written += w
             skipped += s
             allocated += a
@@ -711,7 +772,7 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict | None, cpath: str,
             pvhd.flush(durable=durable)
             state["stage"] = "merged"
             state["next_block"] = cvhd.nblocks
-            _write_json_atomic(cpath, state)
+            _write_json_atomic(cpath, state, durable)
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
@@ -727,6 +788,17 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict | None, cpath: str,
     _fsync_dir(cpath)
     return CoalesceResult(cvhd.path, pvhd.path, merged, written, skipped, allocated, grow,
                           resumed, relinked, time.monotonic() - t0)
+
+
+def _release_block_pages(cvhd: VhdFile, pvhd: VhdFile, blk: int) -> None:
+    """Drop the merged block's pages from our mappings (see Chain.release_block)."""
+    for v in (cvhd, pvhd):
+        if v.is_fixed:
+            _drop_pages(v, blk * cvhd.block_size, cvhd.block_size)
+        else:
+            off = v.block_offset(blk)
+            if off is not None:
+                _drop_pages(v, off, v.bitmap_size + v.block_size)
 
 
 def _merge_one(cvhd: VhdFile, pvhd: VhdFile, blk: int, cbm: bytearray, runs: np.ndarray,
@@ -752,7 +824,7 @@ def _merge_one(cvhd: VhdFile, pvhd: VhdFile, blk: int, cbm: bytearray, runs: np.
         pview = pvhd.fixed_view(base, n * SECTOR)
         full = b"\xff" * ((n + 7) // 8)
         skipped = kernels.drop_equal_sectors(cbm, cdata, full, pview, n)
-        cnt = kernels.find_runs(cbm, n, runs)
+        cnt = kernels.find_runs(cbm, n, runs)  # type: ignore[arg-type]  # numpy: Buffer on 3.12+
         w = 0
         for k in range(cnt):
             s, ln = int(runs[2 * k]), int(runs[2 * k + 1])
@@ -789,7 +861,7 @@ def _merge_one(cvhd: VhdFile, pvhd: VhdFile, blk: int, cbm: bytearray, runs: np.
                                                  & np.frombuffer(pbm, np.uint8))
         cbm[:] = keep.tobytes()
         skipped += before - kernels.bitmap_count(cbm, n)
-    cnt = kernels.find_runs(cbm, n, runs)
+    cnt = kernels.find_runs(cbm, n, runs)  # type: ignore[arg-type]  # numpy: Buffer on 3.12+
     if cnt == 0:
         return 0, skipped, 0
     off = pvhd.block_offset(blk)
@@ -812,9 +884,13 @@ def _merge_one(cvhd: VhdFile, pvhd: VhdFile, blk: int, cbm: bytearray, runs: np.
 def relink(grandchild: PathLike, new_parent: PathLike, *,
            expected_old_parent: bytes | None = None) -> None:
     """Re-point a differencing disk at ``new_parent``: parent UUID, parent
-    time stamp, UTF-16BE parent name and locators (relative paths).  New
-    locator data goes to the end of the file when it does not fit; the header
-    is written last (one 1024-byte write)."""
+    time stamp, UTF-16BE parent name and locators (relative paths).
+
+    Nothing the disk's current header refers to is overwritten: new locator
+    data and a new header go to fresh space at the end of the file, and one
+    footer write switches to them (see :meth:`VhdFile.relocate_header`), so
+    a crash at any point leaves the disk pointing at its old parent or at
+    the new one, never at a mix.  Running it again is harmless."""
     grandchild = os.fspath(grandchild)
     new_parent = os.fspath(new_parent)
     from .disk import LOCATOR_CODES, vhd_timestamp_of_file
@@ -832,24 +908,30 @@ def relink(grandchild: PathLike, new_parent: PathLike, *,
                               os.path.dirname(os.path.abspath(grandchild)))
         old = {loc.code: loc for loc in h.locators if loc.used}
         locs: list[ParentLocator] = []
+        wrote = False
         for code in LOCATOR_CODES:
             blob = encode_locator_path(code, rel)
             slot = old.get(code)
-            if slot is not None and len(blob) <= slot.space_bytes:
-                off, space = slot.data_offset, slot.space_bytes
-            else:
-                space = max(SECTOR, -(-len(blob) // SECTOR) * SECTOR)
-                off = g.reserve(space)
+            if (slot is not None and slot.data_length == len(blob)
+                    and slot.data_offset + len(blob) <= g.file_size
+                    and bytes(g.mv[slot.data_offset : slot.data_offset + len(blob)]) == blob):
+                locs.append(slot)  # already says this (a repeated relink)
+                continue
+            space = max(SECTOR, -(-len(blob) // SECTOR) * SECTOR)
+            off = g.reserve(space)
             g._pwrite(blob.ljust(space, b"\0"), off)
+            wrote = True
             locs.append(ParentLocator(code=code, data_space=space, data_length=len(blob),
                                       data_offset=off))
         while len(locs) < 8:
             locs.append(ParentLocator(code=b"\0\0\0\0", data_space=0, data_length=0,
                                       data_offset=0))
-        _io.fsync(g._fd)
-        g.write_header(h.with_(parent_uuid=puuid,
-                               parent_timestamp=vhd_timestamp_of_file(new_parent),
-                               parent_name=os.path.basename(new_parent), locators=tuple(locs)))
+        new_header = h.with_(parent_uuid=puuid, parent_timestamp=vhd_timestamp_of_file(new_parent),
+                             parent_name=os.path.basename(new_parent), locators=tuple(locs))
+        if wrote or new_header.pack() != h.pack():
+            g.relocate_header(new_header)
+        else:
+            g.sync_footer_copy()
 
 
 # --------------------------------------------------------------------------
@@ -935,16 +1017,22 @@ def compact(vhd: PathLike, out: PathLike, *, threads: int = 2,
 
 
 def repair(vhd: PathLike) -> bool:
-    """Restore a missing or damaged primary footer from the copy at offset 0.
-    Returns False when the primary footer was fine (nothing written)."""
+    """Restore a missing or damaged primary footer from the copy at offset 0,
+    or a copy at offset 0 that an interrupted update left stale from a good
+    primary footer.  Returns False when both were fine (nothing written)."""
     vhd = os.fspath(vhd)
     with VhdFile.open(vhd) as v:
-        if v.primary_footer_ok:
-            return False
-        if v.is_fixed:  # pragma: no cover - open() refuses this case
+        primary_ok = v.primary_footer_ok
+        stale_copy = primary_ok and not v.is_fixed and bytes(v.mv[:FOOTER_SIZE]) != v.footer.pack()
+        if v.is_fixed and not primary_ok:  # pragma: no cover - open() refuses this case
             raise FormatError(f"{vhd}: a fixed disk has no footer copy to repair from")
-        end = v._end_of_data()
+        end = v._end_of_data() if not primary_ok else 0
         footer = v.footer
+    if primary_ok:
+        if not stale_copy:
+            return False
+        with VhdFile.open(vhd, writable=True) as w:
+            return w.sync_footer_copy()
     fd = os.open(vhd, os.O_RDWR)
     try:
         # the footer right after the last block, then cut what follows

@@ -24,7 +24,7 @@ import os
 import struct
 import threading
 from collections.abc import Iterable, Iterator
-from typing import Union
+from typing import Union, cast
 
 import lz4.frame
 
@@ -64,7 +64,7 @@ def compress_frame(data: Buffer) -> bytes:
     The frame has independent blocks, no content checksum and stores the
     content size, so :func:`decompress_frames` can allocate its output at once.
     """
-    return lz4.frame.compress(
+    frame: bytes = lz4.frame.compress(  # lz4 ships no type information
         data,
         compression_level=0,
         block_size=FRAME_BLOCK_SIZE,
@@ -73,6 +73,7 @@ def compress_frame(data: Buffer) -> bytes:
         block_checksum=False,
         store_size=True,
     )
+    return frame
 
 
 def frame_bound(raw_size: int) -> int:
@@ -140,7 +141,7 @@ def frame_length(buf: Buffer, pos: int = 0) -> int | None:
 
 def _decompress_one(mv: memoryview, pos: int, length: int) -> bytes:
     try:
-        return lz4.frame.decompress(mv[pos : pos + length])
+        return cast("bytes", lz4.frame.decompress(mv[pos : pos + length]))
     except RuntimeError as exc:
         raise IntegrityError(f"damaged lz4 frame at offset {pos}: {exc}") from exc
 

@@ -22,7 +22,7 @@ import os
 import stat
 import uuid as _uuid
 from collections.abc import Iterator
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -82,7 +82,21 @@ class VhdFile:
         self._mv: memoryview | None = None
         flags = os.O_RDWR if writable else os.O_RDONLY
         try:
-            self._fd = _fd if _fd is not None else os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0))
+            if _fd is not None:
+                self._fd = _fd
+            else:
+                # never open anything but a regular file: opening a FIFO blocks
+                # until a writer comes, opening a device can have side effects.
+                # O_NONBLOCK covers a swap between the stat and the open; it
+                # means nothing for a regular file and is cleared again.
+                st = os.stat(self.path)
+                if stat.S_ISDIR(st.st_mode):
+                    raise IsADirectoryError(self.path)
+                if not stat.S_ISREG(st.st_mode):
+                    self._fd = -1
+                    raise FormatError(f"{self.path}: not a regular file")
+                self._fd = os.open(self.path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+                os.set_blocking(self._fd, True)
         except FileNotFoundError as exc:
             raise FormatError(f"{self.path}: no such file") from exc
         except IsADirectoryError as exc:
@@ -98,6 +112,7 @@ class VhdFile:
     # ------------------------------------------------------------------ open
     @classmethod
     def open(cls, path: PathLike, *, writable: bool = False) -> "VhdFile":
+        """Open and validate the VHD at ``path``, read-only unless ``writable``."""
         return cls(path, writable=writable)
 
     def __enter__(self) -> "VhdFile":
@@ -123,6 +138,7 @@ class VhdFile:
             self._mm = None
 
     def close(self) -> None:
+        """Unmap and close the file; ``with`` does this."""
         self._unmap()
         if getattr(self, "_fd", -1) >= 0:
             os.close(self._fd)
@@ -145,6 +161,7 @@ class VhdFile:
 
     @property
     def mv(self) -> memoryview:
+        """A read-only view of the whole file (its mmap)."""
         assert self._mv is not None, "file is closed"
         return self._mv
 
@@ -223,7 +240,19 @@ class VhdFile:
         self.bat = decode_bat(mv[h.table_offset : bat_end], self.nblocks)
         self._bat_dirty: set[int] = set()
         self._validate_bat()
-        self._next_block = self._end_of_data()
+        if self.writable:
+            # a block that overlaps metadata or another block would be written
+            # over it, and metadata past the footer would place new blocks
+            # there: refuse to write into such a file at all
+            why = [what for _, _, what in self.layout_conflicts(limit=1)]
+            why += [f"the {what} ({r0}..{r1}) runs past the footer at {self.footer_offset}"
+                    for r0, r1, what in self.metadata_regions()[1:] if r1 > self.footer_offset]
+            if why:
+                raise FormatError(f"{self.path}: {why[0]}; refusing to write into a damaged "
+                                  "file ('vhdcore check' lists every problem)")
+        # new blocks go after all data, and never before the footer: a footer
+        # written in front of the one at EOF would not be the one readers use
+        self._next_block = max(self._end_of_data(), -(-self.footer_offset // SECTOR) * SECTOR)
 
     def _needed_bytes(self, block: int) -> int:
         """Bytes of data a block must have on disk (the last block may be short)."""
@@ -252,6 +281,46 @@ class VhdFile:
                 f"at {limit}"
             )
 
+    def metadata_regions(self) -> list[tuple[int, int, str]]:
+        """(start, end, name) of the footer copy, the dynamic header, the BAT
+        and every used parent locator's data space: what blocks must not
+        overlap."""
+        h = self.header
+        assert h is not None
+        regions = [
+            (0, FOOTER_SIZE, "footer copy"),
+            (self.footer.data_offset, self.footer.data_offset + HEADER_SIZE, "dynamic header"),
+            (h.table_offset, h.table_offset + -(-self.nblocks * 4 // SECTOR) * SECTOR, "BAT"),
+        ]
+        for loc in h.locators:
+            if loc.used:
+                regions.append((loc.data_offset, loc.data_offset + loc.space_bytes,
+                                f"parent locator {loc.code.decode('latin-1')}"))
+        return regions
+
+    def layout_conflicts(self, limit: int = 100) -> list[tuple[int, int, str]]:
+        """(block, offset, message) for blocks that overlap another block or
+        the metadata (at most ``limit`` of each kind); empty for a fixed disk."""
+        if self.bat is None:
+            return []
+        out: list[tuple[int, int, str]] = []
+        alloc = np.nonzero(self.bat != BAT_UNUSED)[0]
+        if alloc.size == 0:
+            return out
+        starts = self.bat[alloc].astype(np.int64) * SECTOR
+        size = self.bitmap_size + self.block_size
+        order = np.argsort(starts, kind="stable")
+        s_sorted = starts[order]
+        for k in np.nonzero(s_sorted[1:] < s_sorted[:-1] + size)[0][:limit]:
+            a, b = int(alloc[order[k]]), int(alloc[order[k + 1]])
+            out.append((b, int(s_sorted[k + 1]), f"block {b} (offset {int(s_sorted[k + 1])}) "
+                                                  f"overlaps block {a} (offset {int(s_sorted[k])})"))
+        for r0, r1, what in self.metadata_regions():
+            for k in np.nonzero((starts < r1) & (starts + size > r0))[0][:limit]:
+                blk = int(alloc[k])
+                out.append((blk, int(starts[k]), f"block {blk} overlaps the {what} ({r0}..{r1})"))
+        return out
+
     def _end_of_data(self) -> int:
         """First byte after all metadata and blocks: where a new block goes."""
         h = self.header
@@ -269,14 +338,17 @@ class VhdFile:
     # ------------------------------------------------------------------ facts
     @property
     def is_fixed(self) -> bool:
+        """True for a fixed disk (the data, then one footer)."""
         return self.disk_type == DISK_FIXED
 
     @property
     def is_differencing(self) -> bool:
+        """True for a differencing disk (one with a parent)."""
         return self.disk_type == DISK_DIFFERENCING
 
     @property
     def uuid(self) -> _uuid.UUID:
+        """The footer's unique id, which a child's header names as its parent."""
         return self.footer.uuid
 
     def block_sectors(self, block: int) -> int:
@@ -498,16 +570,45 @@ class VhdFile:
         self.footer = footer
 
     def write_header(self, header: DynamicHeader, *, durable: bool = True) -> None:
+        """Overwrite the dynamic header in place (two sectors: a torn write
+        leaves a damaged header; see :meth:`relocate_header`)."""
         self._require_writable()
         self._pwrite(header.pack(), self.footer.data_offset)
         if durable:
             _io.fsync(self._fd)
         self.header = header
 
-    def describe(self) -> dict[str, object]:
+    def relocate_header(self, header: DynamicHeader, footer: Footer | None = None, *,
+                        durable: bool = True) -> None:
+        """Replace the dynamic header without ever overwriting it: the new one
+        goes to a fresh place at the end of the data, then one footer write
+        (at EOF, then the copy at offset 0) switches to it, together with
+        any other footer change (``footer``, e.g. a new size).  A crash at any
+        point leaves the old or the new header in force, never a torn one."""
+        self._require_writable()
+        off = self.reserve(HEADER_SIZE)
+        self._pwrite(header.pack(), off)
+        if durable:
+            _io.fsync(self._fd)
+        self.write_footer((footer or self.footer).with_(data_offset=off), durable=durable)
+        self.header = header
+
+    def sync_footer_copy(self, *, durable: bool = True) -> bool:
+        """Rewrite the footer copy at offset 0 when it differs from the
+        primary footer (an update interrupted between the two writes).
+        Returns True when it wrote."""
+        self._require_writable()
+        if self.is_fixed or bytes(self.mv[:FOOTER_SIZE]) == self.footer.pack():
+            return False
+        self._pwrite(self.footer.pack(), 0)
+        if durable:
+            _io.fsync(self._fd)
+        return True
+
+    def describe(self) -> dict[str, Any]:
         """The file's structures as plain data (``vhdcore info --json``)."""
         f = self.footer
-        d: dict[str, object] = {
+        d: dict[str, Any] = {
             "path": self.path,
             "file_size": self.file_size,
             "type": f.type_name,
@@ -549,6 +650,7 @@ class VhdFile:
         return d
 
     def iter_allocated(self) -> Iterator[int]:
+        """The allocated block numbers, ascending, as Python ints."""
         for b in self.allocated_blocks():
             yield int(b)
 

@@ -37,7 +37,7 @@ def estimate(leaf: PathLike, *, threads: int = 2, sample_blocks: int = 48,
     upload keeps up with compression, as on a local directory target).
     """
     with Chain.open(leaf, **(chain_options or {})) as chain:
-        layers = []
+        layers: list[dict[str, Any]] = []
         for ly in chain.layers:
             layers.append({"path": ly.path, "type": ly.footer.type_name,
                            "file_size": ly.file_size, "allocated_bytes": ly.allocated_bytes()})

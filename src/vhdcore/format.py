@@ -106,6 +106,7 @@ def vhd_timestamp(when: _dt.datetime | None = None) -> int:
 
 
 def timestamp_to_datetime(ts: int) -> _dt.datetime:
+    """The UTC time of a VHD timestamp (seconds since 2000-01-01 00:00:00 UTC)."""
     return _EPOCH + _dt.timedelta(seconds=ts)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +63,7 @@ class PartitionInfo:
         s, e = self._free
         return list(zip(s.tolist(), (e - s).tolist()))
 
-    def to_json(self, include_ranges: bool = False) -> dict:
+    def to_json(self, include_ranges: bool = False) -> dict[str, Any]:
         d = {
             "index": self.index,
             "start": self.start,
@@ -101,10 +102,12 @@ class DiskMap:
 
     @property
     def free(self) -> list[tuple[int, int]]:
+        """The free ranges as ``(offset, length)`` byte pairs, ascending."""
         return list(zip(self._starts.tolist(), (self._ends - self._starts).tolist()))
 
     @property
     def free_bytes(self) -> int:
+        """The number of bytes marked free."""
         return int((self._ends - self._starts).sum())
 
     def free_arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +185,7 @@ class DiskMap:
         out[(f >= sizes) & (sizes > 0)] = 2
         return out
 
-    def to_json(self, include_ranges: bool = False) -> dict:
+    def to_json(self, include_ranges: bool = False) -> dict[str, Any]:
         """A JSON-ready summary (``--json`` output and image metadata)."""
         return {
             "disk_size": self.size,

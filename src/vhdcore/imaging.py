@@ -91,9 +91,11 @@ class ProgressEvent:
 
     @property
     def fraction(self) -> float:
+        """``bytes_done / bytes_total`` of the current stage (0.0 when the total is 0)."""
         return self.bytes_done / self.bytes_total if self.bytes_total else 0.0
 
     def to_json(self) -> dict[str, Any]:
+        """The event as a JSON-ready dict (one line of ``vhdcore image --json``)."""
         d = asdict(self)
         d["fraction"] = round(self.fraction, 6)
         d["rate"] = round(self.rate, 1)
@@ -427,6 +429,7 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
     existing = uploader.existing_segments()
     # segments of the state that the store still has, by first frame
     reusable: dict[int, tuple[int, dict[str, Any]]] = {}
+    k: str | int  # a key of the job state (str) here, a segment number (int) below
     for k, rec in done_segments.items():
         have = existing.get(int(k))
         if have is not None and have.size == rec["size"] and have.etag == rec["etag"]:

@@ -18,6 +18,21 @@ from __future__ import annotations
 
 import os
 import platform
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the names bound below at run time, typed by the kernel's stub
+    from ._merge import (
+        bitmap_count as bitmap_count,
+        bitmap_or as bitmap_or,
+        clear_zero_sectors as clear_zero_sectors,
+        drop_equal_sectors as drop_equal_sectors,
+        fill_unset as fill_unset,
+        find_runs as find_runs,
+        fingerprint as fingerprint,
+        is_zero as is_zero,
+        overlay as overlay,
+        overlay_full as overlay_full,
+    )
 
 _policy = os.environ.get("VHDCORE_IMPORT_POLICY", "default").strip().lower() or "default"
 
@@ -32,7 +47,7 @@ if _policy == "python" or (_policy == "default" and platform.python_implementati
     backend = "python"
 else:
     try:
-        from . import _merge as _impl  # type: ignore[attr-defined,no-redef]
+        from . import _merge as _impl  # type: ignore[no-redef]
     except ImportError as exc:  # pragma: no cover - depends on the build
         raise ImportError(
             "vhdcore's compiled kernel (vhdcore._merge) is not built. Install vhdcore with "

@@ -6,7 +6,18 @@ normal sets and accepts arbitrary ones.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import TypeAlias
+
+    import numpy.typing as npt
+
+    #: what the functions accept as a range set: ``(starts, ends)``, any array-likes
+    RangeLike: TypeAlias = "tuple[npt.ArrayLike, npt.ArrayLike]"
 
 __all__ = [
     "EMPTY",
@@ -26,7 +37,7 @@ __all__ = [
 _I64 = np.int64
 
 
-def _arr(x) -> np.ndarray:
+def _arr(x: npt.ArrayLike) -> np.ndarray:
     return np.asarray(x, dtype=_I64).reshape(-1)
 
 
@@ -37,7 +48,9 @@ def empty() -> tuple[np.ndarray, np.ndarray]:
 EMPTY = empty()
 
 
-def _cover(sets, keep) -> tuple[np.ndarray, np.ndarray]:
+def _cover(
+    sets: Sequence[RangeLike], keep: Callable[[np.ndarray], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Coverage sweep over several range sets.
 
     ``keep(counts)`` gets one coverage-count array per set (for each elementary
@@ -77,7 +90,7 @@ def _cover(sets, keep) -> tuple[np.ndarray, np.ndarray]:
     return starts.astype(_I64), ends.astype(_I64)
 
 
-def normalize(starts, ends) -> tuple[np.ndarray, np.ndarray]:
+def normalize(starts: npt.ArrayLike, ends: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Sort and merge overlapping or touching ranges; drop empty ones."""
     s, e = _arr(starts), _arr(ends)
     if s.size == 0:
@@ -95,7 +108,7 @@ def normalize(starts, ends) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends
 
 
-def union(*sets) -> tuple[np.ndarray, np.ndarray]:
+def union(*sets: RangeLike) -> tuple[np.ndarray, np.ndarray]:
     if not sets:
         return empty()
     s = np.concatenate([_arr(a) for a, _ in sets])
@@ -103,22 +116,22 @@ def union(*sets) -> tuple[np.ndarray, np.ndarray]:
     return normalize(s, e)
 
 
-def difference(a, b) -> tuple[np.ndarray, np.ndarray]:
+def difference(a: RangeLike, b: RangeLike) -> tuple[np.ndarray, np.ndarray]:
     """Ranges covered by ``a`` and not by ``b``."""
     if _arr(b[0]).size == 0:
         return normalize(*a)
     return _cover([a, b], lambda c: (c[0] > 0) & (c[1] == 0))
 
 
-def intersection(a, b) -> tuple[np.ndarray, np.ndarray]:
+def intersection(a: RangeLike, b: RangeLike) -> tuple[np.ndarray, np.ndarray]:
     return _cover([a, b], lambda c: (c[0] > 0) & (c[1] > 0))
 
 
-def overlaps_any(a, b) -> bool:
+def overlaps_any(a: RangeLike, b: RangeLike) -> bool:
     return intersection(a, b)[0].size > 0
 
 
-def clip(a, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+def clip(a: RangeLike, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     s, e = normalize(*a)
     s = np.maximum(s, lo)
     e = np.minimum(e, hi)
@@ -126,16 +139,16 @@ def clip(a, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     return s[ok], e[ok]
 
 
-def shift(a, by: int) -> tuple[np.ndarray, np.ndarray]:
+def shift(a: RangeLike, by: int) -> tuple[np.ndarray, np.ndarray]:
     return _arr(a[0]) + by, _arr(a[1]) + by
 
 
-def scale(a, factor: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def scale(a: RangeLike, factor: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Map unit ranges to ``offset + unit * factor`` (e.g. blocks to bytes)."""
     return _arr(a[0]) * factor + offset, _arr(a[1]) * factor + offset
 
 
-def align_inward(a, unit: int) -> tuple[np.ndarray, np.ndarray]:
+def align_inward(a: RangeLike, unit: int) -> tuple[np.ndarray, np.ndarray]:
     """Shrink each range to whole ``unit``-aligned pieces (start up, end down)."""
     s, e = _arr(a[0]), _arr(a[1])
     s = -((-s) // unit) * unit
@@ -144,7 +157,7 @@ def align_inward(a, unit: int) -> tuple[np.ndarray, np.ndarray]:
     return s[ok], e[ok]
 
 
-def total(a) -> int:
+def total(a: RangeLike) -> int:
     return int((_arr(a[1]) - _arr(a[0])).sum())
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import VhdError
 from . import _ranges as R
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 __all__ = ["DiskReader", "FsResult", "FsUnsafe", "PartReader", "Probe", "u16", "u32", "u64"]
 
@@ -19,16 +23,19 @@ class FsUnsafe(Exception):
     """The filesystem cannot be trusted: keep all of it.  The message says why."""
 
 
-def u16(b, off: int) -> int:
-    return struct.unpack_from("<H", b, off)[0]
+def u16(b: ReadableBuffer, off: int) -> int:
+    v: int = struct.unpack_from("<H", b, off)[0]
+    return v
 
 
-def u32(b, off: int) -> int:
-    return struct.unpack_from("<I", b, off)[0]
+def u32(b: ReadableBuffer, off: int) -> int:
+    v: int = struct.unpack_from("<I", b, off)[0]
+    return v
 
 
-def u64(b, off: int) -> int:
-    return struct.unpack_from("<Q", b, off)[0]
+def u64(b: ReadableBuffer, off: int) -> int:
+    v: int = struct.unpack_from("<Q", b, off)[0]
+    return v
 
 
 class DiskReader:

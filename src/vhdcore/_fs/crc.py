@@ -10,12 +10,18 @@ checksums are verified without a per-byte Python loop per block.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 __all__ = ["crc16_raw", "crc16_rows", "crc32c", "crc32c_raw", "crc32c_rows"]
 
 
-def _table(poly: int, dtype) -> np.ndarray:
+def _table(poly: int, dtype: npt.DTypeLike) -> np.ndarray:
     t = np.zeros(256, dtype=np.uint64)
     for i in range(256):
         c = i
@@ -31,7 +37,7 @@ _T32L = [int(x) for x in _T32]
 _T16L = [int(x) for x in _T16]
 
 
-def crc32c_raw(seed: int, data) -> int:
+def crc32c_raw(seed: int, data: ReadableBuffer) -> int:
     crc = seed & 0xFFFFFFFF
     t = _T32L
     for b in bytes(data):
@@ -39,12 +45,12 @@ def crc32c_raw(seed: int, data) -> int:
     return crc
 
 
-def crc32c(data, value: int = 0) -> int:
+def crc32c(data: ReadableBuffer, value: int = 0) -> int:
     """The standard CRC-32C, continuing from a previous standard ``value``."""
     return crc32c_raw(value ^ 0xFFFFFFFF, data) ^ 0xFFFFFFFF
 
 
-def crc16_raw(seed: int, data) -> int:
+def crc16_raw(seed: int, data: ReadableBuffer) -> int:
     crc = seed & 0xFFFF
     t = _T16L
     for b in bytes(data):
@@ -52,7 +58,7 @@ def crc16_raw(seed: int, data) -> int:
     return crc
 
 
-def _rows(table: np.ndarray, seeds, rows: np.ndarray) -> np.ndarray:
+def _rows(table: np.ndarray, seeds: npt.ArrayLike, rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.uint8)
     if rows.ndim != 2:
         raise ValueError("rows must be a 2-D uint8 array")
@@ -67,11 +73,11 @@ def _rows(table: np.ndarray, seeds, rows: np.ndarray) -> np.ndarray:
     return crc
 
 
-def crc32c_rows(seeds, rows: np.ndarray) -> np.ndarray:
+def crc32c_rows(seeds: npt.ArrayLike, rows: np.ndarray) -> np.ndarray:
     """Raw CRC-32C of every row of ``rows``, each starting from its seed."""
     return _rows(_T32, seeds, rows)
 
 
-def crc16_rows(seeds, rows: np.ndarray) -> np.ndarray:
+def crc16_rows(seeds: npt.ArrayLike, rows: np.ndarray) -> np.ndarray:
     """Raw CRC-16 (poly 0xA001 reflected) of every row of ``rows``."""
     return _rows(_T16, seeds, rows)

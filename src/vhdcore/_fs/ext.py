@@ -474,7 +474,9 @@ def _check_locations(geo: _Geo, d: dict[str, np.ndarray]) -> None:
                 raise FsUnsafe(f"group {int(bad[0])}: {key} lies outside its group without flex_bg")
 
 
-def _free_from_bitmaps(vol: _Vol, geo: _Geo, d: dict[str, np.ndarray]):
+def _free_from_bitmaps(
+    vol: _Vol, geo: _Geo, d: dict[str, np.ndarray]
+) -> tuple[tuple[np.ndarray, np.ndarray], int]:
     """Free cluster runs from the block bitmaps, checked group by group."""
     honour_uninit = geo.csum or geo.gdt_csum
     bm_bytes = geo.cpg // 8

@@ -70,8 +70,9 @@ class Overlay:
         return sorted(b for b in self.entries if start <= b < start + count)
 
 
-def _be32(b, off: int) -> int:
-    return struct.unpack_from(">I", b, off)[0]
+def _be32(b: bytes, off: int) -> int:
+    v: int = struct.unpack_from(">I", b, off)[0]
+    return v
 
 
 def replay(
@@ -234,7 +235,13 @@ def replay(
     return overlay, notes
 
 
-def _check_data_csums(read_jblock, txns, jseed: int, v3: bool, bs: int) -> None:
+def _check_data_csums(
+    read_jblock: Callable[[int], bytes],
+    txns: list[tuple[int, list[tuple[int, int, bool, int]], list[int]]],
+    jseed: int,
+    v3: bool,
+    bs: int,
+) -> None:
     batch: list[tuple[int, int, int]] = []  # (jpos, seed, want)
 
     def flush() -> None:

@@ -127,7 +127,7 @@ class _Ntfs:
             raise FsUnsafe("$MFT or $MFTMirr location lies past the volume")
         self.mft_runs: list[tuple[int, int, int | None]] = []
 
-    def read_runs(self, runs, off: int, n: int, what: str) -> bytes:
+    def read_runs(self, runs: list[tuple[int, int, int | None]], off: int, n: int, what: str) -> bytes:
         out = bytearray()
         cs = self.cs
         while n > 0:

@@ -11,6 +11,7 @@ import struct
 import uuid as _uuid
 import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 from .common import SECTOR, DiskReader, FsUnsafe, u32, u64
 
@@ -85,7 +86,9 @@ def _mbr_plausible(sector: bytes) -> bool:
     return all(e[0] in (0x00, 0x80) and e[2] > 0 and e[3] > 0 for e in used)
 
 
-def _gpt_header(disk: DiskReader, lba: int, nsect: int, warnings: list[str], which: str):
+def _gpt_header(
+    disk: DiskReader, lba: int, nsect: int, warnings: list[str], which: str
+) -> dict[str, Any] | None:
     """Parse and check one GPT header and its entry array; None when invalid."""
     hdr = disk.read(lba * SECTOR, SECTOR)
     if hdr[0:8] != b"EFI PART":

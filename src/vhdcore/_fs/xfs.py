@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import uuid as _uuid
+from collections.abc import Callable
 
 import numpy as np
 
@@ -41,13 +42,13 @@ def probe(part: PartReader) -> Probe | None:
     return Probe("xfs", str(_uuid.UUID(bytes=sb[32:48])), _analyze)
 
 
-def _be(fmt: str, b: bytes, off: int):
+def _be(fmt: str, b: bytes, off: int) -> tuple[int, ...]:
     return struct.unpack_from(">" + fmt, b, off)
 
 
 def _crc_ok(buf: bytes, off: int) -> bool:
     """XFS CRC: standard CRC-32C with the field zeroed, stored little-endian."""
-    want = struct.unpack_from("<I", buf, off)[0]
+    want: int = struct.unpack_from("<I", buf, off)[0]
     return crc32c(buf[:off] + b"\0\0\0\0" + buf[off + 4 :]) == want
 
 
@@ -130,6 +131,7 @@ class _Xfs:
                 parts.append(cycles(s, min(step, first + count - s)))
             return np.concatenate(parts)
 
+        cyc: Callable[[int], int]
         if nbb * 512 <= FULL_LOG_SCAN:
             c = cyc_range(0, nbb)
             head = self._head_strict(c)
@@ -182,7 +184,9 @@ class _Xfs:
         return h
 
     @staticmethod
-    def _head_search(cycles, cyc_range, nbb: int) -> int:
+    def _head_search(
+        cycles: Callable[[int, int], np.ndarray], cyc_range: Callable[[int, int], np.ndarray], nbb: int
+    ) -> int:
         top = int(cycles(0, 1)[0])
         last = int(cycles(nbb - 1, 1)[0])
         win = LOG_WINDOW // 512
@@ -208,7 +212,7 @@ class _Xfs:
         return hi
 
     # -- allocation groups --------------------------------------------------
-    def ag_free(self, ag: int):
+    def ag_free(self, ag: int) -> tuple[tuple[np.ndarray, np.ndarray], int, int, int]:
         """Free extents of one AG (AG-relative blocks) plus its counters."""
         bs, ss = self.bs, self.sectsize
         agoff = ag * self.agblocks * bs
@@ -265,12 +269,12 @@ class _Xfs:
             raise FsUnsafe(f"AG {ag}: free list first/last/count disagree")
         arr = np.frombuffer(buf, dtype=">u4", count=slots, offset=hdr).astype(np.int64)
         idx = (flfirst + np.arange(flcount)) % slots
-        fl = arr[idx]
+        fl: np.ndarray = arr[idx]
         if ((fl < self.hdr_blocks) | (fl >= length)).any():
             raise FsUnsafe(f"AG {ag}: free list holds a block outside the AG")
         return fl
 
-    def _walk_bnobt(self, ag: int, root: int, level: int, length: int):
+    def _walk_bnobt(self, ag: int, root: int, level: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         bs = self.bs
         hdr = 56 if self.v5 else 16
         magic = b"AB3B" if self.v5 else b"ABTB"

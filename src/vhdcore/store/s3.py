@@ -314,7 +314,8 @@ class S3Store(Store):
             resp = self._client.get_object(
                 Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-{start + size - 1}"
             )
-            return resp["Body"].read()
+            data: bytes = resp["Body"].read()
+            return data
 
         return self._call(f"downloading segment {index}", get)
 

@@ -340,7 +340,8 @@ class SwiftStore(Store):
 
         probe = Connection(retries=0, timeout=self.timeout, preauthurl=conn.url, preauthtoken=conn.token)
         try:
-            return probe.get_capabilities()
+            info: dict[str, Any] = probe.get_capabilities()
+            return info
         finally:
             probe.close()
 
@@ -356,7 +357,7 @@ class SwiftStore(Store):
         body = data if isinstance(data, bytes) else bytes(data)
 
         def put() -> str:
-            return self._conn().put_object(
+            etag: str = self._conn().put_object(
                 self.segment_container,
                 obj,
                 contents=body,
@@ -364,6 +365,7 @@ class SwiftStore(Store):
                 etag=md5_hex,
                 content_type=_CONTENT_TYPE,
             )
+            return etag
 
         etag = self._call(f"uploading segment {index} ({len(body)} bytes)", put, upload=True)
         etag = (etag or "").strip('"')
@@ -400,7 +402,8 @@ class SwiftStore(Store):
             f"downloading segment {index} ({container}/{obj})",
             lambda: self._conn().get_object(container, obj),
         )
-        return body
+        data: bytes = body
+        return data
 
     # -- manifest ----------------------------------------------------------------
     def put_manifest(self, segments: list[SegmentInfo], metadata: Mapping[str, str]) -> None:
@@ -417,7 +420,7 @@ class SwiftStore(Store):
         headers = {f"X-Object-Meta-Vhdcore-{k}": encode_meta_value(v) for k, v in meta.items()}
 
         def put() -> str:
-            return self._conn().put_object(
+            etag: str = self._conn().put_object(
                 self.container,
                 self.name,
                 contents=body,
@@ -426,6 +429,7 @@ class SwiftStore(Store):
                 headers=headers,
                 query_string="multipart-manifest=put",
             )
+            return etag
 
         self._call(f"writing the manifest ({len(segments)} segments)", put, upload=True)
 

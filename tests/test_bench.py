@@ -1,0 +1,116 @@
+"""``python -m vhdcore bench``: a smoke run on a tiny workload, the report's
+shape, the exit-code contract and the kernel patching it relies on."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from vhdcore import _merge_py, bench, cli, kernels
+
+#: every figure the report must carry (the peer only where qemu-img is installed)
+EXPECTED = [
+    "memcpy.block", "memcpy.stream",
+    "kernel.overlay_full", "kernel.overlay_scattered", "kernel.find_runs", "kernel.is_zero",
+    "kernel.clear_zero_sectors", "kernel.fingerprint", "kernel.merge_scattered",
+    "twin.overlay_full", "twin.overlay_scattered", "twin.find_runs", "twin.is_zero",
+    "twin.clear_zero_sectors", "twin.merge_scattered", "twin.coalesce_scattered",
+    "read.chain", "flatten.raw", "flatten.vhd",
+    "coalesce.full", "coalesce.scattered", "coalesce.scattered_holes",
+    "lz4.1thread", "lz4.2threads", "upload.directory",
+    "imaging.stage_scan", "imaging.stage_upload", "imaging.sha256", "imaging.pipeline",
+    "imaging.cpu_bound", "imaging.virtual",
+    "memory.flatten", "memory.flatten_anon", "memory.imaging", "memory.imaging_anon",
+]
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    """One real run, as small as the command allows (a few seconds)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "vhdcore", "bench", "--quick", "--json", "--size", "16M",
+         "--reps", "1", "--memory-size", "1G"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_report_has_every_result_with_positive_numbers(report):
+    by_name = {r["name"]: r for r in report["results"]}
+    want = EXPECTED + (["peer.qemu_img"] if shutil.which("qemu-img") else [])
+    assert sorted(set(want) - set(by_name)) == []
+    for r in report["results"]:
+        assert r["bytes"] > 0 and r["seconds"] > 0 and r["gbps"] > 0, r
+        assert math.isfinite(r["gbps"])
+        if r["ratio"] is not None:
+            assert r["ratio"] > 0, r
+        assert r["verdict"] in ("PASS", "MISS", "info", "n/a")
+        assert r["pass"] in (True, False, None)
+        assert (r["verdict"] == "PASS") == (r["pass"] is True)
+        assert (r["verdict"] == "MISS") == (r["pass"] is False)
+        if r["name"].startswith("memory."):
+            assert r["peak_bytes"] > 0
+    for name in bench.TARGETS:
+        if name == "flatten.raw" and not shutil.which("qemu-img"):
+            assert by_name[name]["verdict"] == "n/a"
+            continue
+        assert by_name[name]["target"], name
+        assert by_name[name]["verdict"] in ("PASS", "MISS"), name
+    summary = report["summary"]
+    checked = [r for r in report["results"] if r["pass"] is not None]
+    assert summary["pass"] + summary["miss"] == len(checked)
+
+
+def test_report_describes_the_machine(report):
+    m = report["machine"]
+    assert m["cpu_count"] >= 1 and m["python"] and m["numpy"]
+    assert m["backend"] == kernels.backend
+    s = report["settings"]
+    assert s["size"] == 16 * 1024 * 1024 and s["reps"] == 1
+    assert s["memcpy_gbps"] > 0
+
+
+def test_table_names_every_result(report):
+    text = bench.format_report(report)
+    for r in report["results"]:
+        assert r["name"] in text
+    assert "PASS" in text or "MISS" in text
+    assert f"{report['summary']['pass']} PASS, {report['summary']['miss']} MISS" in text
+
+
+def _fake_report(passed: bool) -> dict:
+    r = bench.Result("coalesce.full", "coalesce", "coalesce", 10**9, 1.0, 1, 1.0, "memcpy",
+                     ">= 1 GB/s", passed)
+    checked = [r]
+    return {"machine": bench.machine_info(), "settings": {"size": 1, "reps": 1,
+                                                           "workdir_fs": "?",
+                                                           "memcpy_gbps": 1.0},
+            "results": [x.to_json() for x in checked],
+            "summary": {"pass": int(passed), "miss": int(not passed), "unchecked": [],
+                        "seconds": 1.0}}
+
+
+@pytest.mark.parametrize("passed", [True, False])
+@pytest.mark.parametrize("strict", [False, True])
+def test_exit_code_is_zero_on_a_miss_unless_strict(monkeypatch, capsys, passed, strict):
+    monkeypatch.setattr(bench, "run_bench", lambda **kw: _fake_report(passed))
+    argv = ["bench", "--quick"] + (["--strict"] if strict else [])
+    code = cli.main(argv)
+    out = capsys.readouterr().out
+    assert ("1 PASS, 0 MISS" if passed else "0 PASS, 1 MISS") in out
+    assert code == (1 if strict and not passed else 0)
+
+
+def test_twin_kernels_patches_and_restores():
+    before = {n: getattr(kernels, n) for n in kernels.KERNEL_NAMES}
+    with bench.twin_kernels():
+        for n in kernels.KERNEL_NAMES:
+            assert getattr(kernels, n) is getattr(_merge_py, n)
+    assert {n: getattr(kernels, n) for n in kernels.KERNEL_NAMES} == before
+    with pytest.raises(RuntimeError), bench.twin_kernels():
+        raise RuntimeError("boom")
+    assert {n: getattr(kernels, n) for n in kernels.KERNEL_NAMES} == before
