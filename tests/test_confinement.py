@@ -386,3 +386,32 @@ def test_locators_cannot_smuggle_nul_or_empty_paths(tmp_path):
                                     (b"W2ku", b"")], name="")
     with pytest.raises(ParentNotFoundError):
         Chain.open(c)
+
+
+def test_a_damaged_locator_does_not_hide_the_parent(tmp_path):
+    """One locator pointing past the end of the file: the other locators (and
+    the parent name) still find the parent; check still reports the damage."""
+    import struct
+
+    from vhdcore.chain import Chain
+    from vhdcore.check import check_file
+    from vhdcore.disk import VhdFile, create_differencing, create_dynamic
+    from vhdcore.errors import ParentNotFoundError
+    from vhdcore.format import HEADER_SIZE, checksum
+
+    create_dynamic(tmp_path / "p.vhd", 4 << 20).close()
+    create_differencing(tmp_path / "c.vhd", tmp_path / "p.vhd").close()
+    with VhdFile.open(tmp_path / "c.vhd") as c:
+        hoff = c.footer.data_offset
+    raw = bytearray((tmp_path / "c.vhd").read_bytes())
+    # first locator entry: data offset far past the end of the file
+    struct.pack_into(">Q", raw, hoff + 576 + 16, len(raw) * 4)
+    struct.pack_into(">I", raw, hoff + 36, checksum(raw[hoff : hoff + HEADER_SIZE], 36))
+    (tmp_path / "c.vhd").write_bytes(raw)
+    with Chain.open(tmp_path / "c.vhd") as ch:
+        assert len(ch) == 2
+    assert any("locator" in p.message for p in check_file(tmp_path / "c.vhd"))
+    # all locators and the name pointing nowhere: a clear error that mentions the damage
+    (tmp_path / "p.vhd").rename(tmp_path / "gone.vhd")
+    with pytest.raises(ParentNotFoundError, match="damaged locator"):
+        Chain.open(tmp_path / "c.vhd")

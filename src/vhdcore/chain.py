@@ -62,11 +62,13 @@ def resolve_parent(child: VhdFile, *, allowed_dirs: Sequence[str], allow_absolut
     child_dir = os.path.dirname(os.path.abspath(child.path))
     candidates: list[tuple[str, str]] = []
     order = {"W2ru": 0, "W2ku": 1, "MacX": 2}
-    for code, p in sorted(child.parent_locators(), key=lambda cp: order.get(cp[0], 9)):
+    damaged: list[str] = []
+    for code, p in sorted(child.parent_locators(strict=False, damaged=damaged),
+                          key=lambda cp: order.get(cp[0], 9)):
         candidates.append((code, p))
     if child.header.parent_name:
         candidates.append(("parent name", child.header.parent_name))
-    tried: list[str] = []
+    tried: list[str] = [f"a damaged locator ({d})" for d in damaged]
     refused: list[str] = []
     seen: set[str] = set()
     for code, raw in candidates:

@@ -398,25 +398,35 @@ class VhdFile:
             total += kernels.bitmap_count(bm, self.block_sectors(int(blk)))
         return total * SECTOR
 
-    def parent_locators(self) -> list[tuple[str, str]]:
-        """(code, path) of every used parent locator whose data lies in the file."""
+    def parent_locators(self, *, strict: bool = True,
+                        damaged: list[str] | None = None) -> list[tuple[str, str]]:
+        """(code, path) of every used parent locator whose data lies in the file.
+
+        A damaged locator (absurd length, data past the end of the file) is a
+        :class:`FormatError`; with ``strict=False`` it is skipped instead and
+        described in ``damaged`` (when given), so that the other locators and
+        the parent name can still find the parent.
+        """
         out: list[tuple[str, str]] = []
         if self.header is None:
             return out
         for loc in self.header.locators:
             if not loc.used:
                 continue
-            if loc.data_length > _MAX_LOCATOR_BYTES or loc.data_length > loc.space_bytes + SECTOR:
-                raise FormatError(
-                    f"{self.path}: parent locator {loc.code!r} claims {loc.data_length} bytes "
-                    f"(space {loc.space_bytes})"
-                )
+            problem = None
             end = loc.data_offset + loc.data_length
-            if end > self.file_size:
-                raise FormatError(
-                    f"{self.path}: parent locator {loc.code!r} data at offset {loc.data_offset} "
-                    f"+ {loc.data_length} lies past the end of the file"
-                )
+            if loc.data_length > _MAX_LOCATOR_BYTES or loc.data_length > loc.space_bytes + SECTOR:
+                problem = (f"{self.path}: parent locator {loc.code!r} claims {loc.data_length} "
+                           f"bytes (space {loc.space_bytes})")
+            elif end > self.file_size:
+                problem = (f"{self.path}: parent locator {loc.code!r} data at offset "
+                           f"{loc.data_offset} + {loc.data_length} lies past the end of the file")
+            if problem is not None:
+                if strict:
+                    raise FormatError(problem)
+                if damaged is not None:
+                    damaged.append(problem)
+                continue
             path = decode_locator_path(loc.code, bytes(self.mv[loc.data_offset : end]))
             if path:
                 out.append((loc.code.decode("latin-1"), path))

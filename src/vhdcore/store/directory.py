@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import _io
 from ..errors import StoreError, StoreNotFoundError, UploadError
 from .base import Buffer, Manifest, SegmentInfo, SegmentLimits, Store, check_metadata
 from .retry import RetryPolicy
@@ -50,14 +51,16 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_write(path: Path, data: Buffer, fsync: bool) -> None:
+    # through vhdcore._io, so that tests can inject faults here too
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        try:
+            _io.pwrite_all(fd, data, 0)
             if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+                _io.fsync(fd)
+        finally:
+            os.close(fd)
+        _io.replace(tmp, str(path))
     except BaseException:
         try:
             os.unlink(tmp)
