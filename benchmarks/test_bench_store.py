@@ -14,38 +14,20 @@ reads as throughput.
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 import urllib.request
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from vhdcore._workloads import realistic_block
 from vhdcore.compress import FrameCompressor, decompress_frames
 from vhdcore.store import MiB, image_metadata, open_store, upload_frames
 
 CHUNK = 2 * MiB  # one VHD block per frame, as the imaging pipeline does
-
-_WORDS = [bytes(random.Random(i).choices(b"abcdefghijklmnopqrstuvwxyz", k=2 + i % 8)) for i in range(500)]
-
-
-def _disk_like(rng: random.Random, size: int) -> bytes:
-    """Data that compresses like an OS disk (ratio about 1.85 with lz4)."""
-    out = bytearray()
-    while len(out) < size:
-        kind = rng.random()
-        if kind < 0.35:
-            out += b" ".join(rng.choices(_WORDS, k=200))
-        elif kind < 0.78:
-            out += rng.randbytes(1500)
-        elif kind < 0.85:
-            out += bytes(4096)
-        else:
-            out += bytes(range(256)) * 8
-    return bytes(out[:size])
-
 
 @pytest.fixture(scope="module")
 def sizes(request) -> dict[str, int]:
@@ -57,8 +39,9 @@ def sizes(request) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def raw_chunks(sizes) -> list[bytes]:
-    rng = random.Random(2024)
-    distinct = [_disk_like(rng, CHUNK) for _ in range(8)]
+    nprng = np.random.default_rng(2024)  # OS-disk-like data (text, binary, random, zero pages)
+    distinct = [bytes(realistic_block(nprng, CHUNK, zero_share=0.1, random_share=0.4))
+                for _ in range(8)]  # lz4 ratio about 1.9, like an OS disk
     return [distinct[i % len(distinct)] for i in range(sizes["raw"] // CHUNK)]
 
 
