@@ -14,8 +14,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["pwrite_all", "fsync", "ftruncate", "replace", "unlink", "FaultPlan", "inject",
-           "SimulatedCrash"]
+__all__ = ["pwrite_all", "fsync", "ftruncate", "replace", "unlink", "fsync_dir", "atomic_write",
+           "FaultPlan", "inject", "SimulatedCrash"]
 
 
 class SimulatedCrash(BaseException):
@@ -109,6 +109,48 @@ def replace(src: str, dst: str) -> None:
 
 def unlink(path: str) -> None:
     os.unlink(path)
+
+
+def fsync_dir(directory: str) -> None:
+    """Make a rename in ``directory`` durable (best effort: some file
+    systems cannot fsync a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes | bytearray | memoryview, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` all at once: a temporary file beside it,
+    fsynced (when ``durable``), renamed over ``path``, the directory fsynced.
+    A failure removes the temporary file and leaves ``path`` as it was."""
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    try:
+        try:
+            pwrite_all(fd, data, 0)
+            if durable:
+                fsync(fd)
+        finally:
+            os.close(fd)
+        replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if durable:
+        fsync_dir(directory)
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ import xxhash
 from . import _io, kernels
 from ._version import __version__
 from .chain import Chain, _drop_pages, aligned_buffer
-from .disk import PathLike, VhdFile, create_differencing
+from .disk import PathLike, VhdFile
 from .errors import (
     CheckpointError,
     CoalesceError,
@@ -55,6 +55,7 @@ from .format import (
     DynamicHeader,
     Footer,
     ParentLocator,
+    bitmap_size_for,
     encode_bat,
     encode_locator_path,
 )
@@ -230,7 +231,7 @@ class DynamicLayout:
         self.virtual_size = virtual_size
         self.block_size = block_size
         self.nblocks = -(-virtual_size // block_size)
-        self.bitmap_size = ((block_size // SECTOR + 7) // 8 + SECTOR - 1) // SECTOR * SECTOR
+        self.bitmap_size = bitmap_size_for(block_size)
         self.bat_offset = FOOTER_SIZE + HEADER_SIZE
         self.bat_bytes = -(-self.nblocks * 4 // SECTOR) * SECTOR
         self.data_start = self.bat_offset + self.bat_bytes
@@ -365,16 +366,8 @@ def _unlink_quiet(path: str) -> None:
 
 
 def _fsync_dir(path: str) -> None:
-    try:
-        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        _io.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    """Make the rename of the file ``path`` durable."""
+    _io.fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 # --------------------------------------------------------------------------
@@ -418,15 +411,7 @@ def _fingerprint_parent(vhd: VhdFile) -> str:
 
 
 def _write_json_atomic(path: str, obj: dict[str, Any], durable: bool = True) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        if durable:
-            _io.fsync(f.fileno())
-    _io.replace(tmp, path)
-    if durable:
-        _fsync_dir(path)
+    _io.atomic_write(path, json.dumps(obj, indent=1).encode(), durable=durable)
 
 
 @dataclass
@@ -976,7 +961,7 @@ def compact(vhd: PathLike, out: PathLike, *, threads: int = 2,
             n_sectors = 0
             with open(tmp, "r+b") as f:
                 fdn = f.fileno()
-                for (loc, blob), nl in zip(locs_blobs, new_locs):
+                for (_, blob), nl in zip(locs_blobs, new_locs):
                     _io.pwrite_all(fdn, blob.ljust(nl.space_bytes, b"\0"), nl.data_offset)
                 total = src.nblocks
                 for blk in src.iter_allocated():
@@ -1047,6 +1032,3 @@ def repair(vhd: PathLike) -> bool:
             raise FormatError(f"{vhd}: repair did not produce a valid footer")
     return True
 
-
-# re-exported for the snapshot helper in tests and the CLI
-__all__ += ["create_differencing", "DISK_FIXED"]

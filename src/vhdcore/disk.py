@@ -27,7 +27,7 @@ from typing import Any, Union
 import numpy as np
 
 from . import _io, kernels
-from .errors import ChecksumError, FormatError, VhdError
+from .errors import FormatError, VhdError
 from .format import (
     BAT_UNUSED,
     DEFAULT_BLOCK_SIZE,
@@ -798,4 +798,4 @@ def vhd_to_raw(vhd_path: PathLike, raw_path: PathLike, *, allowed_dirs: list[Pat
         return chain.copy_to_raw(raw_path)
 
 
-__all__ += ["vhd_timestamp_of_file", "ChecksumError"]
+__all__ += ["vhd_timestamp_of_file"]

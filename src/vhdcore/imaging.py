@@ -45,7 +45,7 @@ from .chain import Chain
 from .coalesce import DynamicLayout, FreeMap, fs_free_map, iter_image_blocks
 from .compress import compress_frame, frame_bound
 from .disk import PathLike
-from .errors import IntegrityError, JobStateError, VhdError, VhdTimeoutError
+from .errors import IntegrityError, JobStateError, VhdTimeoutError
 from .store import SegmentUploader, choose_segment_size, image_metadata, open_store
 from .store.base import Store
 
@@ -167,12 +167,15 @@ def _job_id(identity: list[dict[str, Any]], target: str, options: dict[str, Any]
 
 def _save_state(path: str, state: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f)
-        f.flush()
-        _io.fsync(f.fileno())
-    _io.replace(tmp, path)
+    _io.atomic_write(path, json.dumps(state).encode())
+
+
+def _block_fingerprint(blk: Any) -> str:
+    """xxh3 of a merged block as stored (bitmap + data): the plan records it in
+    the coalescing pass and the upload pass checks the chain still agrees."""
+    fp = xxhash.xxh3_64(blk.bitmap)
+    fp.update(blk.data)
+    return fp.hexdigest()
 
 
 def _load_state(path: str) -> dict[str, Any] | None:
@@ -344,9 +347,7 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
             for blk in it:
                 while pos < len(todo) and todo[pos] <= blk.index:
                     pos += 1
-                fp = xxhash.xxh3_64(blk.bitmap)
-                fp.update(blk.data)
-                plan.append([blk.index, fp.hexdigest(), blk.sectors_set])
+                plan.append([blk.index, _block_fingerprint(blk), blk.sectors_set])
                 now = time.monotonic()
                 done = min(vsize, (blk.index + 1) * chain.block_size)
                 rep.emit(bytes_done=done, bytes_total=vsize, blocks_done=done_blocks + pos,
@@ -414,7 +415,6 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
     seg_lock = threading.Lock()
     done_segments: dict[str, dict[str, Any]] = state["segments"]
     pending_ranges: dict[int, tuple[int, int]] = {}
-    compressed_total = 0
 
     def on_segment(info: Any, uploaded: bool) -> None:
         with seg_lock:
@@ -435,7 +435,7 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
         if have is not None and have.size == rec["size"] and have.etag == rec["etag"]:
             reusable[int(rec["first"])] = (int(k), rec)
     done_segments.clear()
-    for first, (k, rec) in reusable.items():
+    for k, rec in reusable.values():
         done_segments[str(k)] = rec
 
     nframes = len(stored) + 2
@@ -449,16 +449,14 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
     seg_bytes = 0
     skip_until = -1  # frames < this belong to a reused segment
     stopped = None
-    frames_done = 0
     bytes_done = 0
     last_save = time.monotonic()
 
     def flush_segment(next_first: int) -> None:
-        nonlocal seg_index, seg_parts, seg_bytes, seg_first, compressed_total
+        nonlocal seg_index, seg_parts, seg_bytes, seg_first
         if not seg_parts:
             return
         data = b"".join(seg_parts)
-        compressed_total += len(data)
         with seg_lock:
             pending_ranges[seg_index] = (seg_first, next_first - seg_first)
         uploader.submit(seg_index, data)
@@ -470,7 +468,7 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
 
     def take_frame(fidx: int, frame: bytes | None) -> None:
         """Pack frame ``fidx`` (None when it belongs to a reused segment)."""
-        nonlocal seg_index, seg_first, seg_bytes, skip_until, compressed_total
+        nonlocal seg_first, seg_bytes
         if frame is None:
             return
         if seg_parts and seg_bytes + len(frame) > segment_size:
@@ -496,9 +494,7 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
             # one allocation and one copy (bytes(a) + bytes(b) made three, and the
             # 2 MiB temporaries went through mmap/munmap: ~1.5 vs ~14 GB/s)
             buf = b"".join((blk.bitmap, blk.data))
-            fp = xxhash.xxh3_64(blk.bitmap)
-            fp.update(blk.data)
-            if fp.hexdigest() != plan[rank][1]:
+            if _block_fingerprint(blk) != plan[rank][1]:
                 raise IntegrityError(
                     f"block {blk.index} of {chain.leaf.path} differs from what the coalescing "
                     "stage read: the chain changed during imaging")
@@ -531,7 +527,6 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
                 else:
                     window.append((fidx, pool.submit(compress_frame, raw)))
                 drain(max_window)
-                frames_done += 1
                 rep.emit(bytes_done=bytes_done, bytes_total=stream_size,
                          blocks_done=max(0, rank + 1), blocks_total=len(stored))
                 now = time.monotonic()
@@ -612,5 +607,3 @@ def _fs_metadata(fs_info: dict[str, Any]) -> dict[str, str]:
         out[f"fs-part{i}"] = val[:250]
     return out
 
-
-__all__ += ["VhdError"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,38 +36,9 @@ _MANIFEST_VERSION = 1
 DIRECTORY_LIMITS = SegmentLimits(1, 1 << 40, 10_000_000)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: Buffer, fsync: bool) -> None:
     # through vhdcore._io, so that tests can inject faults here too
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        try:
-            _io.pwrite_all(fd, data, 0)
-            if fsync:
-                _io.fsync(fd)
-        finally:
-            os.close(fd)
-        _io.replace(tmp, str(path))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if fsync:
-        _fsync_dir(path.parent)
+    _io.atomic_write(str(path), data, durable=fsync)
 
 
 class DirectoryStore(Store):
