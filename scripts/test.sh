@@ -41,6 +41,8 @@ echo "== starting a loopback Swift in $SWIFT_DIR"
 $PY scripts/swift_server.py start --dir "$SWIFT_DIR"
 eval "$($PY scripts/swift_server.py env --dir "$SWIFT_DIR")"
 export VHDCORE_TEST_SWIFT=1
+# every server the suite uses is started here: a missing one fails its tests
+export VHDCORE_REQUIRE_SERVERS=1
 
 echo "== running the tests"
 $PY -m pytest -q -p no:cacheprovider --benchmark-disable "$@"
@@ -48,7 +50,7 @@ cleanup
 trap - EXIT
 # the server is gone: the later runs must not look for it
 unset ST_AUTH ST_USER ST_KEY AWS_ENDPOINT_URL AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY \
-  AWS_DEFAULT_REGION VHDCORE_TEST_SWIFT VHDCORE_TEST_SWIFT_DIR
+  AWS_DEFAULT_REGION VHDCORE_TEST_SWIFT VHDCORE_TEST_SWIFT_DIR VHDCORE_REQUIRE_SERVERS
 if [ "$#" -gt 0 ]; then
   exit 0  # a selection was asked for: skip the packaging checks
 fi

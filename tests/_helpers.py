@@ -35,3 +35,13 @@ def fixture_params():
     if not FIXTURE_NAMES:
         return [pytest.param("absent", marks=pytest.mark.skip(reason="shared fixtures absent"))]
     return FIXTURE_NAMES
+
+
+def server_missing(why: str) -> None:
+    """Skip the calling test because a server it needs is absent, or fail it
+    when ``VHDCORE_REQUIRE_SERVERS=1`` (set by scripts/test.sh, which starts
+    every server the suite uses): a CI run that silently tested no server
+    must not pass."""
+    if os.environ.get("VHDCORE_REQUIRE_SERVERS") == "1":
+        pytest.fail(f"VHDCORE_REQUIRE_SERVERS=1 but {why}")
+    pytest.skip(why)

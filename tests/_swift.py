@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from _helpers import server_missing
 from vhdcore.compress import FrameCompressor
 from vhdcore.store.base import Manifest, SegmentInfo, SegmentLimits, Store, image_metadata
 
@@ -158,7 +159,7 @@ def require_swift() -> None:
         if os.environ.get("VHDCORE_TEST_SWIFT") == "1":
             # CI started a Swift for these tests: a missing server is a failure
             pytest.fail(f"VHDCORE_TEST_SWIFT=1 but {why}")
-        pytest.skip(why)
+        server_missing(why)
 
 
 def require_s3() -> None:
@@ -168,7 +169,7 @@ def require_s3() -> None:
         k for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(k)
     ]
     if missing:
-        pytest.skip(f"S3 endpoint not configured ({', '.join(missing)} unset)")
+        server_missing(f"S3 endpoint not configured ({', '.join(missing)} unset)")
 
 
 def swift_connection() -> Any:
