@@ -66,3 +66,37 @@ def build_chain(tmp: Path, *, size: int, depth: int, block_size: int = 2 * 1024 
 def read_all(path: os.PathLike | str) -> bytes:
     with Chain.open(path) as c:
         return c.read(0, c.virtual_size)
+
+
+def store_last_block_short(path: os.PathLike | str, *, stale_bits: bool = False) -> bool:
+    """Rewrite a dynamic or differencing VHD as FreeBSD ``mkimg`` stores it:
+    the partial last block moved to the end of the file and stored short
+    (only the sectors the virtual size needs), the footer right after it.
+    ``stale_bits``: also set the bitmap bits past the last sector (which a
+    reader must ignore).  Returns False when the last block is not allocated
+    or the virtual size is a multiple of the block size (nothing to do)."""
+    from vhdcore.disk import VhdFile
+
+    with VhdFile.open(path, writable=True) as v:
+        last = v.nblocks - 1
+        off = v.block_offset(last)
+        if off is None or v.virtual_size % v.block_size == 0:
+            return False
+        n = v.block_sectors(last) * SECTOR
+        bm = bytearray(v.mv[off : off + v.bitmap_size])
+        if stale_bits:
+            for s in range(n // SECTOR, v.block_size // SECTOR):
+                bm[s >> 3] |= 0x80 >> (s & 7)
+        data = bytes(v.mv[off + v.bitmap_size : off + v.bitmap_size + n])
+        new = v.reserve(v.bitmap_size + v.block_size)
+        v._pwrite(bytes(bm) + data, new)
+        v.bat[last] = new // SECTOR
+        v._bat_dirty.add(last)
+        v.flush()
+        footer = v.footer.pack()
+        end = new + v.bitmap_size + n
+    with open(path, "r+b") as f:
+        f.truncate(end)
+        f.seek(end)
+        f.write(footer)
+    return True

@@ -112,16 +112,15 @@ def unlink(path: str) -> None:
 
 
 def fsync_dir(directory: str) -> None:
-    """Make a rename in ``directory`` durable (best effort: some file
-    systems cannot fsync a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
+    """Make a rename in ``directory`` durable.  A failed fsync (EIO, ...)
+    fails the operation; only a file system that cannot fsync a directory at
+    all (EINVAL, ENOTSUP) is tolerated."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
     finally:
         os.close(fd)
 

@@ -55,7 +55,10 @@ from .format import (
     DynamicHeader,
     Footer,
     ParentLocator,
+    MAX_BAT_SECTOR,
     bitmap_size_for,
+    check_block_offset,
+    check_virtual_size,
     encode_bat,
     encode_locator_path,
 )
@@ -227,14 +230,15 @@ class DynamicLayout:
     every block's position follows from its rank."""
 
     def __init__(self, virtual_size: int, block_size: int, *, unique_id: bytes | None = None,
-                 timestamp: int | None = None) -> None:
+                 timestamp: int | None = None, data_start: int | None = None) -> None:
+        check_virtual_size(virtual_size)
         self.virtual_size = virtual_size
         self.block_size = block_size
         self.nblocks = -(-virtual_size // block_size)
         self.bitmap_size = bitmap_size_for(block_size)
         self.bat_offset = FOOTER_SIZE + HEADER_SIZE
         self.bat_bytes = -(-self.nblocks * 4 // SECTOR) * SECTOR
-        self.data_start = self.bat_offset + self.bat_bytes
+        self.data_start = self.bat_offset + self.bat_bytes if data_start is None else data_start
         self.block_stride = self.bitmap_size + block_size
         self.footer = Footer.new(DISK_DYNAMIC, virtual_size, data_offset=FOOTER_SIZE,
                                  unique_id=unique_id)
@@ -243,11 +247,31 @@ class DynamicLayout:
         self.header = DynamicHeader(table_offset=self.bat_offset,
                                     max_table_entries=self.nblocks, block_size=block_size)
 
-    def block_offset(self, rank: int) -> int:
+    def max_blocks(self) -> int:
+        """How many blocks this layout can store before a block's offset no
+        longer fits a 32-bit BAT entry (the format's 2 TiB file limit)."""
+        last = MAX_BAT_SECTOR * SECTOR
+        if last < self.data_start:
+            return 0
+        return (last - self.data_start) // self.block_stride + 1
+
+    def check_capacity(self, nstored: int) -> None:
+        """Refuse (``FormatError``), before anything is written, a file that
+        would store ``nstored`` blocks past what 32-bit BAT entries address."""
+        if nstored > self.max_blocks():
+            check_block_offset(self.block_offset_unchecked(nstored - 1))
+
+    def block_offset_unchecked(self, rank: int) -> int:
         return self.data_start + rank * self.block_stride
+
+    def block_offset(self, rank: int) -> int:
+        off = self.data_start + rank * self.block_stride
+        check_block_offset(off)
+        return off
 
     def head(self, stored_blocks: Sequence[int]) -> bytes:
         """Footer copy + dynamic header + BAT for blocks stored in this order."""
+        self.check_capacity(len(stored_blocks))
         bat = np.full(self.nblocks, BAT_UNUSED, dtype=np.uint32)
         idx = np.asarray(stored_blocks, dtype=np.int64)
         if idx.size:
@@ -271,7 +295,11 @@ class FlattenResult:
     output; the disk's ``virtual_size`` in bytes; ``blocks_stored``, the
     blocks that hold data (a dynamic output stores only these);
     ``sectors_stored``, the 512-byte sectors with data in them; and
-    ``bytes_written`` to the output, metadata included for a dynamic VHD.
+    ``bytes_written``, every byte written into the output file: block data,
+    and for a VHD its metadata too (bitmaps, header, BAT, parent locators,
+    footers).  Holes left for all-zero blocks of a raw or fixed output are
+    not written, so they do not count.  For a dynamic VHD output this is its
+    file size.
     """
 
     path: str
@@ -315,9 +343,13 @@ def flatten(leaf: PathLike, out: PathLike, format: str = "vhd", *, threads: int 
         sectors = 0
         written = 0
         try:
+            if format != "raw":
+                check_virtual_size(vsize)
             layout = DynamicLayout(vsize, chain.block_size) if format == "vhd" else None
             if format == "vhd":
                 assert layout is not None
+                # the most blocks it can store must all be addressable
+                layout.check_capacity(int(chain.allocated_blocks().size))
                 _io.ftruncate(fd, layout.data_start)
             else:
                 _io.ftruncate(fd, vsize)
@@ -340,10 +372,13 @@ def flatten(leaf: PathLike, out: PathLike, format: str = "vhd", *, threads: int 
                     progress(done, total)
             if format == "vhd":
                 assert layout is not None
-                _io.pwrite_all(fd, layout.head(stored), 0)
-                _io.pwrite_all(fd, layout.tail(), layout.block_offset(len(stored)))
+                head = layout.head(stored)
+                _io.pwrite_all(fd, head, 0)
+                _io.pwrite_all(fd, layout.tail(), layout.block_offset_unchecked(len(stored)))
+                written += len(head) + FOOTER_SIZE
             elif format == "fixed":
                 _io.pwrite_all(fd, Footer.new(DISK_FIXED, vsize).pack(), vsize)
+                written += FOOTER_SIZE
             if durable:
                 _io.fsync(fd)
         except BaseException:
@@ -480,7 +515,65 @@ def _space_needed(child: VhdFile, parent: VhdFile, new_size: int) -> int:
     nblocks = -(-new_size // parent.block_size)
     if _bat_must_move(parent, nblocks):
         need += -(-nblocks * 4 // SECTOR) * SECTOR
+    if _partial_last_block(parent, new_size) is not None:
+        need += parent.bitmap_size + parent.block_size
     return need + FOOTER_SIZE
+
+
+def _partial_last_block(parent: VhdFile, new_size: int) -> int | None:
+    """The parent's last block when growing to ``new_size`` must renew it: it
+    is allocated and only partly inside the old virtual size.  Such a block
+    may be stored short (FreeBSD ``mkimg`` writes only the sectors the size
+    needs, with the footer right after) and its bitmap may have bits set past
+    the old end; growing would expose both."""
+    if parent.is_fixed or new_size <= parent.virtual_size:
+        return None
+    if parent.virtual_size % parent.block_size == 0:
+        return None
+    last = parent.nblocks - 1
+    return last if parent.block_offset(last) is not None else None
+
+
+def _check_parent_offsets(child: VhdFile, parent: VhdFile, new_size: int) -> None:
+    """Refuse (before anything is written) a coalesce whose new parent blocks
+    would start past what a 32-bit BAT entry addresses (2 TiB)."""
+    if parent.is_fixed:
+        return
+    assert parent.bat is not None
+    stride = parent.bitmap_size + parent.block_size
+    pos = parent._next_block
+    if _partial_last_block(parent, new_size) is not None:
+        check_block_offset(pos, parent.path)
+        pos += stride
+    nblocks = -(-new_size // parent.block_size)
+    if _bat_must_move(parent, nblocks):
+        pos += -(-nblocks * 4 // SECTOR) * SECTOR
+    nnew = sum(1 for blk in child.allocated_blocks()
+               if int(blk) < nblocks and parent.block_offset(int(blk)) is None)
+    if nnew:
+        check_block_offset(pos + (nnew - 1) * stride, parent.path)
+
+
+def _renew_last_block(parent: VhdFile, last: int) -> None:
+    """Copy the partial last block to a full-size block in fresh space (its
+    bitmap cleared and its data zeroed past the old virtual size), then one
+    BAT entry write switches to it.  Until then the old block is in force;
+    both read the same within the old size."""
+    off = parent.block_offset(last)
+    assert off is not None
+    n = parent.block_sectors(last)
+    bm = bytearray(parent.mv[off : off + parent.bitmap_size])
+    for s in range(n, parent.sectors_per_block):
+        bm[s >> 3] &= ~(0x80 >> (s & 7)) & 0xFF
+    data = bytes(parent.mv[off + parent.bitmap_size : off + parent.bitmap_size + n * SECTOR])
+    new = parent.reserve(parent.bitmap_size + parent.block_size)
+    check_block_offset(new, parent.path)
+    parent._pwrite(data + bytes(parent.block_size - len(data)), new + parent.bitmap_size)
+    parent._pwrite(bm, new)
+    assert parent.bat is not None
+    parent.bat[last] = new // SECTOR
+    parent._bat_dirty.add(last)
+    parent.flush(durable=True)
 
 
 def _bat_must_move(parent: VhdFile, nblocks: int) -> bool:
@@ -525,6 +618,9 @@ def _grow_parent(parent: VhdFile, new_size: int) -> None:
         parent.virtual_size = new_size
         parent._map()
         return
+    last = _partial_last_block(parent, new_size)
+    if last is not None:
+        _renew_last_block(parent, last)
     h = parent.header
     assert h is not None and parent.bat is not None
     nblocks = -(-new_size // parent.block_size)
@@ -659,6 +755,9 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict[str, Any] | None, cpat
         raise CoalesceError(
             f"{pvhd.path}: fixed disk holds {pvhd.footer_offset} bytes of data but its footer "
             f"says {pvhd.virtual_size}; refusing to grow it ('vhdcore check' shows this)")
+    if grow:
+        check_virtual_size(new_size, f"{cvhd.path}: the parent would grow to a virtual size")
+    _check_parent_offsets(cvhd, pvhd, new_size)
     if not skip_space_check:
         need = _space_needed(cvhd, pvhd, new_size)
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(pvhd.path))).free

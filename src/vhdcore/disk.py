@@ -41,6 +41,8 @@ from .format import (
     Footer,
     ParentLocator,
     bitmap_size_for,
+    check_block_offset,
+    check_virtual_size,
     decode_bat,
     decode_locator_path,
     encode_bat,
@@ -80,6 +82,8 @@ class VhdFile:
         self.writable = writable
         self._mm: mmap.mmap | None = None
         self._mv: memoryview | None = None
+        #: set when a write grew the file past the mapping (see :attr:`mv`)
+        self._grown = False
         flags = os.O_RDWR if writable else os.O_RDONLY
         try:
             if _fd is not None:
@@ -148,6 +152,7 @@ class VhdFile:
         return f"<VhdFile {self.path!r} {self.footer.type_name} {self.virtual_size} bytes>"
 
     def _map(self) -> None:
+        self._grown = False
         self._unmap()
         st = os.fstat(self._fd)
         if not stat.S_ISREG(st.st_mode):
@@ -161,7 +166,12 @@ class VhdFile:
 
     @property
     def mv(self) -> memoryview:
-        """A read-only view of the whole file (its mmap)."""
+        """A read-only view of the whole file (its mmap).  After a write that
+        grew the file (a new block, a relocated header) the file is mapped
+        again, so that reads through this object see what was written."""
+        if self._grown:
+            self._grown = False
+            self._map()
         assert self._mv is not None, "file is closed"
         return self._mv
 
@@ -458,9 +468,11 @@ class VhdFile:
         with a valid footer.  Returns the offset of the reserved region."""
         self._require_writable()
         off = self._next_block
+        _check_sector_offset(self.path, off)
         self._next_block += nbytes
         self._pwrite(self.footer.pack(), self._next_block)
         self.footer_offset = self._next_block
+        self._grown = True
         return off
 
     def write_block(self, block: int, bitmap: bytes | bytearray | memoryview,
@@ -484,6 +496,7 @@ class VhdFile:
         if cur is None:
             if offset is None:
                 offset = self.reserve(self.bitmap_size + self.block_size)
+            check_block_offset(offset, self.path)
             cur = offset
             pad = self.block_size - n
             self._pwrite(memoryview(data)[:n], cur + self.bitmap_size)
@@ -665,6 +678,10 @@ class VhdFile:
             yield int(b)
 
 
+def _check_sector_offset(path: str, offset: int) -> None:
+    check_block_offset(offset, path)
+
+
 def _set_bits(bitmap: bytearray, first: int, count: int) -> None:
     for s in range(first, first + count):
         bitmap[s >> 3] |= 0x80 >> (s & 7)
@@ -689,12 +706,9 @@ def _layout_dynamic(size: int, block_size: int, locator_blobs: list[tuple[bytes,
 
 
 def _check_new_size(size: int, block_size: int) -> None:
-    if size <= 0 or size % SECTOR:
-        raise VhdError(f"virtual size {size} must be a positive multiple of 512")
+    check_virtual_size(size)
     if block_size < SECTOR * 8 or block_size & (block_size - 1) or block_size > 256 * 1024 * 1024:
         raise VhdError(f"block size {block_size} must be a power of two from 4 KiB to 256 MiB")
-    if size > 2040 * 1024**3:
-        raise VhdError(f"virtual size {size} exceeds the VHD limit of 2040 GiB")
 
 
 def _write_new_dynamic(path: str, footer: Footer, header: DynamicHeader,

@@ -33,6 +33,10 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "MAX_BLOCK_SIZE",
     "MAX_VIRTUAL_SIZE",
+    "VHD_MAX_SIZE",
+    "MAX_BAT_SECTOR",
+    "check_virtual_size",
+    "check_block_offset",
     "Footer",
     "DynamicHeader",
     "ParentLocator",
@@ -60,8 +64,15 @@ BAT_UNUSED = 0xFFFFFFFF
 DEFAULT_BLOCK_SIZE = 2 * 1024 * 1024
 MIN_BLOCK_SIZE = SECTOR
 MAX_BLOCK_SIZE = 256 * 1024 * 1024
-#: a sane ceiling for virtual sizes (VHD's own limit is about 2 TiB; leave room)
+#: a sane ceiling for virtual sizes when *reading* (VHD's own limit is about
+#: 2 TiB; files claiming more are still described, never created)
 MAX_VIRTUAL_SIZE = 64 * 1024**4
+#: the largest virtual size vhdcore creates, grows to or writes as a VHD
+#: (the VHD specification's limit: 2040 GiB)
+VHD_MAX_SIZE = 2040 * 1024**3
+#: the largest sector number a BAT entry can hold (32 bits; all ones means
+#: "unused"): no block may start at or past byte offset (MAX_BAT_SECTOR+1)*512
+MAX_BAT_SECTOR = 0xFFFFFFFE
 
 FOOTER_COOKIE = b"conectix"
 HEADER_COOKIE = b"cxsparse"
@@ -139,6 +150,27 @@ def bitmap_size_for(block_size: int) -> int:
     """Bytes of a block's sector bitmap on disk (padded to whole sectors)."""
     nbytes = (block_size // SECTOR + 7) // 8
     return (nbytes + SECTOR - 1) // SECTOR * SECTOR
+
+
+def check_virtual_size(size: int, what: str = "virtual size") -> None:
+    """Refuse (``FormatError``) a virtual size a VHD cannot have: not a positive
+    multiple of 512, or past :data:`VHD_MAX_SIZE` (2040 GiB)."""
+    if size <= 0 or size % SECTOR:
+        raise FormatError(f"{what} {size} must be a positive multiple of 512")
+    if size > VHD_MAX_SIZE:
+        raise FormatError(f"{what} {size} exceeds the VHD limit of 2040 GiB ({VHD_MAX_SIZE} "
+                          f"bytes) by {size - VHD_MAX_SIZE} bytes")
+
+
+def check_block_offset(offset: int, source: str = "") -> None:
+    """Refuse (``FormatError``) a block at byte ``offset``: a BAT entry holds
+    its sector number in 32 bits, so a block must start at or before sector
+    :data:`MAX_BAT_SECTOR` (just under 2 TiB into the file)."""
+    if offset % SECTOR or offset // SECTOR > MAX_BAT_SECTOR:
+        raise FormatError(
+            f"{source + ': ' if source else ''}a block at byte offset {offset} cannot be recorded "
+            f"in the BAT (32-bit sector numbers reach sector {MAX_BAT_SECTOR}, byte offset "
+            f"{MAX_BAT_SECTOR * SECTOR}): the file would pass the VHD format's 2 TiB limit")
 
 
 def _where(source: str, offset: int) -> str:
