@@ -54,10 +54,63 @@ def _within(real: str, roots: Sequence[str]) -> bool:
     return False
 
 
-def resolve_parent(child: VhdFile, *, allowed_dirs: Sequence[str], allow_absolute: bool = False,
-                   allow_special: bool = False) -> str:
-    """Find the parent file of a differencing disk, confined to ``allowed_dirs``
-    (real paths).  Returns the path as found (not symlink-resolved)."""
+def _open_confined(full: str, roots: Sequence[str], allow_special: bool) -> tuple[int | None, str]:
+    """Open ``full`` read-only if it lies inside one of ``roots``: every path
+    component from the root down is opened with ``O_NOFOLLOW`` relative to the
+    directory descriptor before it (``openat``), so a symlink swapped in after
+    the check cannot lead elsewhere; the opened file itself is then checked
+    (a regular file unless ``allow_special``).  Returns (fd, "") or (None, why)."""
+    real = os.path.realpath(full)
+    root = next((r for r in roots if _within(real, [r])), None)
+    if root is None:
+        return None, f"leads to {real}, outside the allowed directories ({', '.join(roots)})"
+    rel = os.path.relpath(real, root)
+    parts = [] if rel == os.curdir else rel.split(os.sep)
+    if not parts or any(pp in ("", os.curdir, os.pardir) for pp in parts):
+        return None, f"leads to {real}, which is not a file inside {root}"
+    cloexec = getattr(os, "O_CLOEXEC", 0)
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    odir = getattr(os, "O_DIRECTORY", 0)
+    try:
+        dfd = os.open(root, os.O_RDONLY | odir | cloexec)
+    except OSError as exc:
+        return None, f"cannot open the allowed directory {root}: {exc.strerror}"
+    try:
+        for comp in parts[:-1]:
+            nd = os.open(comp, os.O_RDONLY | odir | nofollow | cloexec, dir_fd=dfd)
+            os.close(dfd)
+            dfd = nd
+        fd = os.open(parts[-1], os.O_RDONLY | nofollow | os.O_NONBLOCK | cloexec, dir_fd=dfd)
+    except OSError as exc:
+        return None, (f"leads to {real}, which changed while it was opened "
+                      f"({exc.strerror}; a symlink swapped in?)")
+    finally:
+        os.close(dfd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) and not allow_special:
+        os.close(fd)
+        return None, f"leads to {real}, which is not a regular file"
+    try:
+        os.set_blocking(fd, True)
+    except OSError:  # pragma: no cover - some special files
+        pass
+    return fd, ""
+
+
+def _win_basename(raw: str) -> str:
+    return re.split(r"[\\/]", raw.rstrip("\\/"))[-1]
+
+
+def _find_parent(child: VhdFile, *, allowed_dirs: Sequence[str], allow_absolute: bool = False,
+                 allow_special: bool = False) -> tuple[str, int]:
+    """Find and open the parent of a differencing disk, confined to
+    ``allowed_dirs`` (real paths).  Returns (path as found, open read-only fd).
+
+    Locators are tried in the order W2ru, W2ku, MacX, then the parent name.
+    A Windows absolute path (``C:\\...``, ``\\\\server\\...``) is never followed;
+    when nothing else leads to the parent, its base name is looked for in each
+    allowed directory and accepted only if that file's UUID is the child's
+    parent UUID."""
     assert child.header is not None
     child_dir = os.path.dirname(os.path.abspath(child.path))
     candidates: list[tuple[str, str]] = []
@@ -71,20 +124,19 @@ def resolve_parent(child: VhdFile, *, allowed_dirs: Sequence[str], allow_absolut
     tried: list[str] = [f"a damaged locator ({d})" for d in damaged]
     refused: list[str] = []
     seen: set[str] = set()
+    win_names: list[str] = []
     for code, raw in candidates:
         p = raw.replace("\\", "/")
         if "\0" in p or not p.strip():
             continue
         if _WIN_ABS.match(raw) or _WIN_ABS.match(p):
             tried.append(f"{code} {raw!r} (a Windows absolute path)")
+            base = _win_basename(raw)
+            if base and base not in win_names and base not in (".", ".."):
+                win_names.append(base)
             continue
-        if os.path.isabs(p):
-            if not allow_absolute:
-                refused.append(f"{code} {raw!r} is an absolute path")
-                continue
-            full = os.path.normpath(p)
-        else:
-            full = os.path.normpath(os.path.join(child_dir, p))
+        absolute = os.path.isabs(p)
+        full = os.path.normpath(p if absolute else os.path.join(child_dir, p))
         if full in seen:
             continue
         seen.add(full)
@@ -96,22 +148,60 @@ def resolve_parent(child: VhdFile, *, allowed_dirs: Sequence[str], allow_absolut
         except OSError as exc:
             tried.append(f"{code} {raw!r} -> {full} ({exc.strerror})")
             continue
-        real = os.path.realpath(full)
-        if not _within(real, allowed_dirs):
-            refused.append(
-                f"{code} {raw!r} leads to {real}, outside the allowed directories "
-                f"({', '.join(allowed_dirs)})"
-            )
+        if absolute and not allow_absolute:
+            refused.append(f"{code} {raw!r} is an absolute path")
             continue
         if not stat.S_ISREG(st.st_mode) and not allow_special:
-            refused.append(f"{code} {raw!r} leads to {real}, which is not a regular file")
+            # refuse before opening: opening a device can have side effects
+            refused.append(f"{code} {raw!r} leads to {os.path.realpath(full)}, which is not a "
+                           "regular file")
             continue
-        return full
+        fd, why = _open_confined(full, allowed_dirs, allow_special)
+        if fd is None:
+            refused.append(f"{code} {raw!r} {why}")
+            continue
+        return full, fd
+    if not refused:
+        # the base name of a Windows path, in the allowed directories, by UUID
+        want = child.header.parent_uuid
+        dirs = [child_dir] + [d for d in allowed_dirs if d != child_dir]
+        for base in win_names:
+            for d in dirs:
+                full = os.path.join(d, base)
+                if full in seen or not os.path.isfile(full):
+                    continue
+                seen.add(full)
+                fd, why = _open_confined(full, allowed_dirs, allow_special)
+                if fd is None:
+                    refused.append(f"{base!r} in {d} {why}")
+                    continue
+                ok = False
+                try:
+                    with VhdFile(full, _fd=os.dup(fd)) as cand:
+                        ok = cand.footer.unique_id == want
+                        got = str(cand.uuid)
+                except VhdError as exc:
+                    got = f"not a usable VHD: {exc}"
+                if ok:
+                    return full, fd
+                os.close(fd)
+                tried.append(f"{full} (by the base name of a Windows path; its UUID is {got}, "
+                             f"not the parent UUID {child.header.parent_uuid_obj})")
     if refused:
         raise ConfinementError(f"{child.path}: parent refused: " + "; ".join(refused))
     raise ParentNotFoundError(
         f"{child.path}: parent not found; tried " + ("; ".join(tried) if tried else "no locator")
     )
+
+
+def resolve_parent(child: VhdFile, *, allowed_dirs: Sequence[str], allow_absolute: bool = False,
+                   allow_special: bool = False) -> str:
+    """Find the parent file of a differencing disk, confined to ``allowed_dirs``
+    (real paths).  Returns the path as found (not symlink-resolved)."""
+    path, fd = _find_parent(child, allowed_dirs=allowed_dirs, allow_absolute=allow_absolute,
+                            allow_special=allow_special)
+    os.close(fd)
+    return path
 
 
 class Chain:
@@ -152,18 +242,28 @@ class Chain:
     @classmethod
     def open(cls, leaf: PathLike, *, allowed_dirs: Iterable[PathLike] | None = None,
              max_depth: int = DEFAULT_MAX_DEPTH, allow_absolute: bool = False,
-             allow_special: bool = False, writable: bool = False) -> "Chain":
+             allow_special: bool = False, writable: bool = False,
+             parent: PathLike | None = None) -> "Chain":
         """Open ``leaf`` and resolve its parents.
 
         ``allowed_dirs``: directories parents may live in (default: the
         leaf's directory).  ``max_depth``: the most disks a chain may have.
         ``writable``: open the leaf for writing (parents stay read-only).
+        ``parent``: the leaf's parent, named explicitly instead of found
+        through its locators (for chains copied off a Windows host); it must
+        be a regular file whose UUID is the leaf's parent UUID, and its
+        directory is allowed for the parents further down.
         """
         leaf = os.fspath(leaf)
         if allowed_dirs is None:
             roots = [os.path.realpath(os.path.dirname(os.path.abspath(leaf)))]
         else:
             roots = [os.path.realpath(os.fspath(d)) for d in allowed_dirs]
+        explicit = os.fspath(parent) if parent is not None else None
+        if explicit is not None:
+            pdir = os.path.realpath(os.path.dirname(os.path.abspath(explicit)))
+            if pdir not in roots:
+                roots.append(pdir)
         try:
             st = os.stat(leaf)
         except OSError:
@@ -189,9 +289,22 @@ class Chain:
                     )
                 if not cur.is_differencing:
                     break
-                ppath = resolve_parent(cur, allowed_dirs=roots, allow_absolute=allow_absolute,
-                                       allow_special=allow_special)
-                parent = VhdFile.open(ppath)
+                if explicit is not None and len(layers) == 1:
+                    try:
+                        pst = os.stat(explicit)
+                    except OSError as exc:
+                        raise ParentNotFoundError(
+                            f"{explicit}: the parent named for {cur.path} cannot be opened: "
+                            f"{exc.strerror}") from None
+                    if not stat.S_ISREG(pst.st_mode):
+                        raise ConfinementError(f"{explicit}: the parent named for {cur.path} is "
+                                               "not a regular file")
+                    parent = VhdFile.open(explicit)
+                else:
+                    ppath, pfd = _find_parent(cur, allowed_dirs=roots,
+                                              allow_absolute=allow_absolute,
+                                              allow_special=allow_special)
+                    parent = VhdFile(ppath, _fd=pfd)
                 try:
                     _check_parent(cur, parent)
                 except BaseException:

@@ -74,6 +74,7 @@ __all__ = [
     "coalesce",
     "CoalesceResult",
     "relink",
+    "RelinkResult",
     "compact",
     "repair",
     "checkpoint_path",
@@ -474,31 +475,60 @@ class CoalesceResult:
     seconds: float
 
 
-def _find_siblings(parent: VhdFile, child_path: str, extra: Sequence[PathLike]) -> list[str]:
-    """Other differencing disks whose parent UUID is the parent's (in the
-    parent's and the child's directory, and among ``extra``)."""
-    puuid = parent.footer.unique_id
-    child_real = os.path.realpath(child_path)
-    dirs = {os.path.dirname(os.path.abspath(parent.path)), os.path.dirname(os.path.abspath(child_path))}
-    cands: set[str] = {os.fspath(e) for e in extra}
+def _vhd_files_in(dirs: Iterable[str]) -> list[str]:
+    out: set[str] = set()
     for d in dirs:
         try:
             for e in os.scandir(d):
                 if e.is_file(follow_symlinks=False) and e.name.lower().endswith((".vhd", ".avhd")):
-                    cands.add(e.path)
+                    out.add(e.path)
         except OSError:
             continue
+    return sorted(out)
+
+
+def _find_children(of: VhdFile, dirs: Iterable[str], extra: Sequence[PathLike],
+                   exclude: Iterable[str]) -> list[str]:
+    """Differencing disks whose parent UUID is ``of``'s UUID: among the
+    ``.vhd``/``.avhd`` files of ``dirs`` and the files ``extra``."""
+    uid = of.footer.unique_id
+    skip = {os.path.realpath(x) for x in exclude}
     out = []
-    for c in sorted(cands):
-        if os.path.realpath(c) in (child_real, os.path.realpath(parent.path)):
+    seen: set[str] = set()
+    for c in [os.fspath(e) for e in extra] + _vhd_files_in(dirs):
+        real = os.path.realpath(c)
+        if real in skip or real in seen:
             continue
+        seen.add(real)
         try:
+            if not os.path.isfile(c):
+                continue
             with VhdFile.open(c) as v:
-                if v.is_differencing and v.header is not None and v.header.parent_uuid == puuid:
+                if v.is_differencing and v.header is not None and v.header.parent_uuid == uid:
                     out.append(c)
         except (VhdError, OSError):
             continue
     return out
+
+
+def _search_dirs(child_path: str, chain_options: dict[str, Any]) -> list[str]:
+    """The directories a coalesce may search for other disks of the chain:
+    the child's and every ``allowed_dirs`` one."""
+    dirs = [os.path.dirname(os.path.abspath(child_path))]
+    for d in chain_options.get("allowed_dirs") or ():
+        d = os.path.abspath(os.fspath(d))
+        if d not in dirs:
+            dirs.append(d)
+    return dirs
+
+
+def _find_siblings(parent: VhdFile, child_path: str, extra: Sequence[PathLike],
+                   dirs: Sequence[str] = ()) -> list[str]:
+    """Other differencing disks whose parent UUID is the parent's (in the
+    parent's and the child's directory, in ``dirs``, and among ``extra``)."""
+    search = [os.path.dirname(os.path.abspath(parent.path)),
+              os.path.dirname(os.path.abspath(child_path)), *dirs]
+    return _find_children(parent, search, extra, [child_path, parent.path])
 
 
 def _space_needed(child: VhdFile, parent: VhdFile, new_size: int) -> int:
@@ -673,8 +703,15 @@ def coalesce(child: PathLike, *, relink_children: Sequence[PathLike] = (),
     ``timeout`` (seconds) stops at the next block with a checkpoint and raises
     :class:`VhdTimeoutError`, and so does Ctrl-C.  Re-running continues from
     the checkpoint and refuses (``CheckpointError``) when either file changed
-    meanwhile.  Afterwards the disks in ``relink_children`` (the child's own
-    children) are re-pointed to the parent; the child can then be deleted.
+    meanwhile.  Afterwards the child's own children are re-pointed to the
+    parent: those named in ``relink_children`` and every other one found in
+    the directories it may search (the child's and ``chain_options``'
+    ``allowed_dirs``); ``CoalesceResult.relinked`` lists them.  A named disk
+    that is not a child of ``child`` is refused before anything is written.
+    The child can then be deleted, unless it has children elsewhere.
+
+    The parent is opened for writing after the chain was resolved: it must
+    be the same file, and its UUID is checked again.
 
     ``durable=False`` skips the fsyncs at checkpoints: the write order still
     protects against the process dying, but not against losing power (for
@@ -691,6 +728,8 @@ def coalesce(child: PathLike, *, relink_children: Sequence[PathLike] = (),
             raise CoalesceError(f"{child}: a {cvhd.footer.type_name} disk has no parent to "
                                 "coalesce into")
         parent_path = chain.layers[1].path
+        keys = [(st.st_dev, st.st_ino) for st in (os.fstat(ly._fd) for ly in chain.layers[:2])]
+        want_parent = cvhd.header.parent_uuid if cvhd.header is not None else b""
     cpath = checkpoint_path(child, checkpoint_dir)
     ck: dict[str, Any] | None = None
     if os.path.exists(cpath):
@@ -702,7 +741,8 @@ def coalesce(child: PathLike, *, relink_children: Sequence[PathLike] = (),
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{cpath}: unreadable checkpoint ({exc}); remove it to "
                                   "start over") from None
-    # open the child read-only and its parent for writing
+    # open the child read-only and its parent for writing: the same files the
+    # chain resolved, and the parent's UUID checked again
     cvhd = VhdFile.open(child)
     try:
         pvhd = VhdFile.open(parent_path, writable=True)
@@ -710,8 +750,38 @@ def coalesce(child: PathLike, *, relink_children: Sequence[PathLike] = (),
         cvhd.close()
         raise
     try:
-        return _coalesce_open(cvhd, pvhd, ck, cpath, relink_children, siblings, deadline,
-                              progress, batch_blocks, t0, skip_space_check, durable)
+        from .errors import ParentMismatchError
+
+        for v, key in ((cvhd, keys[0]), (pvhd, keys[1])):
+            st = os.fstat(v._fd)
+            if (st.st_dev, st.st_ino) != key:
+                raise ParentMismatchError(f"{v.path} was replaced while the chain was opened; "
+                                          "refusing to coalesce")
+        if pvhd.footer.unique_id != want_parent:
+            raise ParentMismatchError(
+                f"{pvhd.path}: UUID is {pvhd.uuid}, not {cvhd.path}'s parent UUID "
+                f"{_uuid_str(want_parent)}; refusing to coalesce")
+        # the child's own children: those named, and those in the directories
+        # a coalesce may search (the child's and --allow-dir ones)
+        dirs = _search_dirs(child, opts)
+        found = _find_children(cvhd, dirs, (), [cvhd.path, pvhd.path])
+        named = []
+        for g in relink_children:
+            g = os.fspath(g)
+            try:
+                with VhdFile.open(g) as gv:
+                    ok = (gv.is_differencing and gv.header is not None
+                          and gv.header.parent_uuid in (cvhd.footer.unique_id,
+                                                        pvhd.footer.unique_id))
+            except VhdError as exc:
+                raise CoalesceError(f"{g}: cannot relink it: {exc}") from None
+            if not ok:
+                raise CoalesceError(f"{g}: not a child of {cvhd.path}; refusing to relink it")
+            named.append(g)
+        reals = {os.path.realpath(g) for g in named}
+        children = named + [g for g in found if os.path.realpath(g) not in reals]
+        return _coalesce_open(cvhd, pvhd, ck, cpath, children, siblings, deadline,
+                              progress, batch_blocks, t0, skip_space_check, durable, dirs)
     finally:
         pvhd.close()
         cvhd.close()
@@ -720,7 +790,8 @@ def coalesce(child: PathLike, *, relink_children: Sequence[PathLike] = (),
 def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict[str, Any] | None, cpath: str,
                    relink_children: Sequence[PathLike], siblings: Sequence[PathLike],
                    deadline: float | None, progress: Progress | None, batch_blocks: int,
-                   t0: float, skip_space_check: bool, durable: bool = True) -> CoalesceResult:
+                   t0: float, skip_space_check: bool, durable: bool = True,
+                   dirs: Sequence[str] = ()) -> CoalesceResult:
     child_fp = _fingerprint_child(cvhd)
     assert cvhd.header is not None and cvhd.bat is not None
     resumed = ck is not None
@@ -739,7 +810,7 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict[str, Any] | None, cpat
             raise CheckpointError(f"{pvhd.path} changed since the checkpoint {cpath} was "
                                   "written; refusing to continue")
     else:
-        sib = _find_siblings(pvhd, cvhd.path, siblings)
+        sib = _find_siblings(pvhd, cvhd.path, siblings, dirs)
         if sib:
             raise CoalesceError(
                 f"{pvhd.path} has other children ({', '.join(sib)}); coalescing {cvhd.path} "
@@ -867,7 +938,9 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict[str, Any] | None, cpat
         raise interrupted
     relinked = [os.fspath(g) for g in relink_children]
     for g in relinked:
-        relink(g, pvhd.path, expected_old_parent=cvhd.footer.unique_id)
+        _relink_unchecked(g, pvhd.path, expected_old_parent=cvhd.footer.unique_id,
+                          expected_new_parent=pvhd.footer.unique_id,
+                          expected_key=os.fstat(pvhd._fd))
     os.unlink(cpath)
     _fsync_dir(cpath)
     return CoalesceResult(cvhd.path, pvhd.path, merged, written, skipped, allocated, grow,
@@ -965,36 +1038,163 @@ def _merge_one(cvhd: VhdFile, pvhd: VhdFile, blk: int, cbm: bytearray, runs: np.
 
 
 # --------------------------------------------------------------------------
-def relink(grandchild: PathLike, new_parent: PathLike, *,
-           expected_old_parent: bytes | None = None) -> None:
-    """Re-point a differencing disk at ``new_parent``: parent UUID, parent
-    time stamp, UTF-16BE parent name and locators (relative paths).
+@dataclass
+class RelinkResult:
+    """What :func:`relink` did: ``disk`` now names ``parent`` (UUID, time
+    stamp, name, locators).  ``reason`` says why ``parent`` was accepted:
+    ``"uuid"`` (it is the disk the child was made against, moved or renamed)
+    or ``"content"`` (another disk, e.g. the result of a coalesce, whose
+    virtual disk reads byte for byte like the child's current parent).
+    ``written`` is False when the disk already said all this."""
+
+    disk: str
+    parent: str
+    reason: str
+    written: bool
+
+
+def _same_virtual_disk(a: Chain, b: Chain, length: int, chunk: int = 4 * 1024 * 1024) -> bool:
+    """True when ``a`` and ``b`` read the same over ``length`` bytes, each
+    reading as zero past its own virtual size."""
+    ba = aligned_buffer(chunk)
+    bb = aligned_buffer(chunk)
+    pos = 0
+    while pos < length:
+        n = min(chunk, length - pos)
+        for ch, buf in ((a, ba), (b, bb)):
+            got = ch.read_into(pos, buf[:n]) if pos < ch.virtual_size else 0
+            if got < n:
+                buf[got:n] = bytes(n - got)
+        if ba[:n] != bb[:n]:
+            return False
+        pos += n
+    return True
+
+
+def relink(disk: PathLike, new_parent: PathLike, *,
+           allowed_dirs: Iterable[PathLike] | None = None, allow_absolute: bool = False,
+           ) -> RelinkResult:
+    """Re-point the differencing disk ``disk`` at ``new_parent`` (what
+    ``vhd-util modify -p`` does): parent UUID, parent time stamp, UTF-16BE
+    parent name and locators.
+
+    Only after checking that ``new_parent``'s virtual disk is the one
+    ``disk`` was made against, which means either:
+
+    * ``new_parent``'s UUID is ``disk``'s parent UUID (the same disk, moved,
+      renamed or copied), or
+    * ``disk``'s current parent can still be found (through its locators,
+      confined to ``allowed_dirs``, default ``disk``'s directory, and with the
+      UUID check) and ``new_parent``'s whole virtual disk, read through its
+      own chain, equals the current parent's byte for byte (each read as zero
+      past its size): for instance the parent a coalesce of the current
+      parent went into.
+
+    Anything else is refused (``ParentMismatchError``) and nothing is
+    written.  The block sizes must agree, and ``new_parent`` must not be
+    larger than ``disk``.  The switch itself is crash-safe: see
+    :func:`_relink_unchecked`."""
+    from .errors import ParentMismatchError
+
+    disk = os.fspath(disk)
+    new_parent = os.fspath(new_parent)
+    with VhdFile.open(disk) as d:
+        if not d.is_differencing or d.header is None:
+            raise CoalesceError(f"{disk}: not a differencing disk; nothing to relink")
+        want = d.header.parent_uuid
+        dsize = d.virtual_size
+        dblock = d.block_size
+    with VhdFile.open(new_parent) as p:
+        puuid = p.footer.unique_id
+        if not p.is_fixed and p.block_size != dblock:
+            raise ParentMismatchError(f"{new_parent}: block size {p.block_size} differs from "
+                                      f"{disk}'s {dblock}")
+        if p.virtual_size > dsize:
+            raise ParentMismatchError(f"{new_parent}: virtual size {p.virtual_size} is larger "
+                                      f"than {disk}'s {dsize}")
+        pkey = os.fstat(p._fd)
+    opts: dict[str, Any] = {"allow_absolute": allow_absolute}
+    if allowed_dirs is not None:
+        opts["allowed_dirs"] = list(allowed_dirs)
+    if puuid == want:
+        reason = "uuid"
+    else:
+        try:
+            cur = Chain.open(disk, **opts)
+        except VhdError as exc:
+            raise ParentMismatchError(
+                f"{new_parent} has UUID {_uuid_str(puuid)}, not {disk}'s parent UUID "
+                f"{_uuid_str(want)}, and the current parent cannot be opened to compare their "
+                f"contents ({exc}); refusing to relink") from None
+        try:
+            with Chain.open(new_parent, **opts) as newc:
+                old = Chain.from_layers(cur.layers[1:], owned=False)
+                length = max(old.virtual_size, newc.virtual_size)
+                if not _same_virtual_disk(old, newc, length):
+                    raise ParentMismatchError(
+                        f"{new_parent} (UUID {_uuid_str(puuid)}) does not read like {disk}'s "
+                        f"parent {cur.layers[1].path} (UUID {_uuid_str(want)}); refusing to "
+                        "relink: the child would read other data")
+        finally:
+            cur.close()
+        reason = "content"
+    written = _relink_unchecked(disk, new_parent, expected_old_parent=want,
+                                expected_new_parent=puuid, expected_key=pkey)
+    return RelinkResult(disk, new_parent, reason, written)
+
+
+def _uuid_str(b: bytes) -> str:
+    import uuid as _uuid
+
+    return str(_uuid.UUID(bytes=b))
+
+
+def _relink_unchecked(grandchild: PathLike, new_parent: PathLike, *,
+                      expected_old_parent: bytes | None = None,
+                      expected_new_parent: bytes | None = None,
+                      expected_key: os.stat_result | None = None) -> bool:
+    """Re-point a differencing disk at ``new_parent`` without checking the
+    contents (the caller did).  The disk's parent UUID must be
+    ``expected_old_parent`` or already the new one; ``new_parent`` is opened
+    again and its UUID must be ``expected_new_parent`` (and the same file as
+    ``expected_key``), so a file swapped in meanwhile is refused.
 
     Nothing the disk's current header refers to is overwritten: new locator
     data and a new header go to fresh space at the end of the file, and one
     footer write switches to them (see :meth:`VhdFile.relocate_header`), so
     a crash at any point leaves the disk pointing at its old parent or at
-    the new one, never at a mix.  Running it again is harmless."""
+    the new one, never at a mix.  Running it again is harmless.  Returns
+    True when it wrote."""
+    from .disk import parent_locator_blobs, vhd_timestamp
+    from .errors import ParentMismatchError
+
     grandchild = os.fspath(grandchild)
     new_parent = os.fspath(new_parent)
-    from .disk import LOCATOR_CODES, vhd_timestamp_of_file
-
     with VhdFile.open(new_parent) as p:
         puuid = p.footer.unique_id
+        st = os.fstat(p._fd)
+        if expected_new_parent is not None and puuid != expected_new_parent:
+            raise ParentMismatchError(
+                f"{new_parent}: UUID is {_uuid_str(puuid)}, not {_uuid_str(expected_new_parent)} "
+                "(the file changed since it was checked)")
+        if expected_key is not None and (st.st_dev, st.st_ino) != (expected_key.st_dev,
+                                                                   expected_key.st_ino):
+            raise ParentMismatchError(f"{new_parent}: another file than the one checked")
+        import datetime as _dt
+
+        pstamp = vhd_timestamp(_dt.datetime.fromtimestamp(st.st_mtime, _dt.timezone.utc))
     with VhdFile.open(grandchild, writable=True) as g:
         if not g.is_differencing or g.header is None:
             raise CoalesceError(f"{grandchild}: not a differencing disk; nothing to relink")
         h = g.header
         if expected_old_parent is not None and h.parent_uuid not in (expected_old_parent, puuid):
             raise CoalesceError(
-                f"{grandchild}: its parent is {h.parent_uuid_obj}, not the coalesced child")
-        rel = os.path.relpath(os.path.abspath(new_parent),
-                              os.path.dirname(os.path.abspath(grandchild)))
+                f"{grandchild}: its parent is {h.parent_uuid_obj}, not "
+                f"{_uuid_str(expected_old_parent)}")
         old = {loc.code: loc for loc in h.locators if loc.used}
         locs: list[ParentLocator] = []
         wrote = False
-        for code in LOCATOR_CODES:
-            blob = encode_locator_path(code, rel)
+        for code, blob in parent_locator_blobs(grandchild, new_parent):
             slot = old.get(code)
             if (slot is not None and slot.data_length == len(blob)
                     and slot.data_offset + len(blob) <= g.file_size
@@ -1010,12 +1210,13 @@ def relink(grandchild: PathLike, new_parent: PathLike, *,
         while len(locs) < 8:
             locs.append(ParentLocator(code=b"\0\0\0\0", data_space=0, data_length=0,
                                       data_offset=0))
-        new_header = h.with_(parent_uuid=puuid, parent_timestamp=vhd_timestamp_of_file(new_parent),
+        new_header = h.with_(parent_uuid=puuid, parent_timestamp=pstamp,
                              parent_name=os.path.basename(new_parent), locators=tuple(locs))
         if wrote or new_header.pack() != h.pack():
             g.relocate_header(new_header)
-        else:
-            g.sync_footer_copy()
+            return True
+        g.sync_footer_copy()
+        return False
 
 
 # --------------------------------------------------------------------------

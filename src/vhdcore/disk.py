@@ -765,7 +765,7 @@ def create_differencing(path: PathLike, parent: PathLike, *, size: int | None = 
     """Create a differencing VHD whose parent is ``parent``.
 
     The parent is recorded by UUID, modification time, UTF-16BE name and
-    W2ku/W2ru/MacX locators holding the path relative to the child's directory.
+    locators (see :func:`parent_locator_blobs`).
     """
     path = os.fspath(path)
     parent = os.fspath(parent)
@@ -781,8 +781,7 @@ def create_differencing(path: PathLike, parent: PathLike, *, size: int | None = 
     if size < psize:
         raise VhdError(f"a child ({size} bytes) cannot be smaller than its parent ({psize} bytes)")
     _check_new_size(size, pblock)
-    rel = os.path.relpath(os.path.abspath(parent), os.path.dirname(os.path.abspath(path)))
-    blobs = [(code, encode_locator_path(code, rel)) for code in LOCATOR_CODES]
+    blobs = parent_locator_blobs(path, parent)
     header_off, bat_off, locs, first = _layout_dynamic(size, pblock, blobs)
     footer = Footer.new(DISK_DIFFERENCING, size, data_offset=header_off)
     header = DynamicHeader(
@@ -791,6 +790,19 @@ def create_differencing(path: PathLike, parent: PathLike, *, size: int | None = 
         parent_name=os.path.basename(parent), locators=tuple(locs),
     )
     return _write_new_dynamic(path, footer, header, [b for _, b in blobs], first, exclusive)
+
+
+def parent_locator_blobs(child: PathLike, parent: PathLike) -> list[tuple[bytes, bytes]]:
+    """(code, data) of the parent locators vhdcore writes for ``child`` over
+    ``parent``: ``W2ku`` the parent's absolute path (as the specification
+    says), ``W2ru`` and ``MacX`` its path relative to the child's directory
+    (what vhdcore itself follows first)."""
+    ap = os.path.abspath(os.fspath(parent))
+    rel = os.path.relpath(ap, os.path.dirname(os.path.abspath(os.fspath(child))))
+    out = []
+    for code in LOCATOR_CODES:
+        out.append((code, encode_locator_path(code, ap if code == b"W2ku" else rel)))
+    return out
 
 
 def vhd_timestamp_of_file(path: PathLike) -> int:
@@ -812,4 +824,4 @@ def vhd_to_raw(vhd_path: PathLike, raw_path: PathLike, *, allowed_dirs: list[Pat
         return chain.copy_to_raw(raw_path)
 
 
-__all__ += ["vhd_timestamp_of_file"]
+__all__ += ["vhd_timestamp_of_file", "parent_locator_blobs"]

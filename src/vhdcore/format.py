@@ -433,10 +433,20 @@ def decode_locator_path(code: bytes, data: bytes) -> str:
 
 
 def encode_locator_path(code: bytes, path: str) -> bytes:
-    """Encode a relative path for a parent locator (no terminator)."""
+    """Encode a path for a parent locator (no terminator).
+
+    ``W2ku`` holds an absolute path (the specification's "absolute" locator:
+    a drive path such as ``C:\\VMs\\base.vhd``, or an absolute POSIX path
+    written with backslashes); ``W2ru`` a path relative to the child's
+    directory (``.\\base.vhd``); ``MacX`` a ``file://`` URL of either."""
     if code in (b"W2ru", b"W2ku"):
         win = path.replace("/", "\\")
-        if not (win.startswith(".\\") or win.startswith("..\\") or win[1:3] == ":\\"):
+        absolute = win.startswith("\\") or win[1:3] == ":\\"
+        if code == b"W2ku" and not absolute:
+            raise FormatError(f"a W2ku parent locator holds an absolute path, not {path!r}")
+        if code == b"W2ru" and absolute:
+            raise FormatError(f"a W2ru parent locator holds a relative path, not {path!r}")
+        if not (absolute or win.startswith(".\\") or win.startswith("..\\")):
             win = ".\\" + win
         return win.encode("utf-16-le")
     if code == b"MacX":
