@@ -48,8 +48,12 @@ def _print_json(obj: Any) -> None:
 def _chain_options(ns: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     if getattr(ns, "allow_dir", None):
-        leaf_dir = os.path.dirname(os.path.abspath(ns.leaf if hasattr(ns, "leaf") else ns.file))
+        leaf = next(getattr(ns, a) for a in ("leaf", "file", "child", "input", "disk")
+                    if getattr(ns, a, None))
+        leaf_dir = os.path.dirname(os.path.abspath(leaf))
         opts["allowed_dirs"] = [leaf_dir, *ns.allow_dir]
+    if getattr(ns, "chain_parent", None):
+        opts["parent"] = ns.chain_parent
     if getattr(ns, "max_depth", None):
         opts["max_depth"] = ns.max_depth
     if getattr(ns, "allow_absolute", False):
@@ -57,13 +61,17 @@ def _chain_options(ns: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def _add_chain_options(p: argparse.ArgumentParser) -> None:
+def _add_chain_options(p: argparse.ArgumentParser, parent: bool = True) -> None:
     p.add_argument("--allow-dir", action="append", metavar="DIR",
                    help="a directory parents may live in besides the leaf's own (repeatable)")
     p.add_argument("--max-depth", type=int, metavar="N",
                    help="the most disks a chain may have (default 256)")
     p.add_argument("--allow-absolute", action="store_true",
                    help="follow parent locators that hold absolute paths (still confined)")
+    if parent:
+        p.add_argument("--parent", dest="chain_parent", metavar="PATH",
+                       help="the leaf's parent, named explicitly instead of found through its "
+                            "locators (its UUID must be the leaf's parent UUID)")
 
 
 # ------------------------------------------------------------------ info
@@ -215,7 +223,8 @@ def _coalesce(ns: argparse.Namespace) -> int:
           f"{human_size(res.sectors_written * 512)} written, "
           f"{human_size(res.sectors_skipped_equal * 512)} already equal"
           + (", parent grown" if res.grown else "") + (", resumed" if res.resumed else "")
-          + (f"; relinked {', '.join(res.relinked)}" if res.relinked else "")
+          + (f"; relinked its children {', '.join(res.relinked)} to the parent"
+             if res.relinked else "")
           + f" in {res.seconds:.2f} s. {res.child} can now be removed.")
     return EXIT_OK
 
@@ -224,9 +233,26 @@ def _coalesce(ns: argparse.Namespace) -> int:
 def _compact(ns: argparse.Namespace) -> int:
     from .coalesce import compact
 
-    res = compact(ns.input, ns.out, progress=_progress_pair("compact", not ns.quiet))
+    res = compact(ns.input, ns.out, progress=_progress_pair("compact", not ns.quiet),
+                  chain_options=_chain_options(ns))
     print(f"compacted {ns.input} -> {res.path}: {res.blocks_stored} blocks kept, "
           f"{human_size(os.path.getsize(res.path))}")
+    return EXIT_OK
+
+
+@_command("relink")
+def _relink(ns: argparse.Namespace) -> int:
+    from .coalesce import relink
+
+    opts = _chain_options(ns)
+    res = relink(ns.disk, ns.parent, allowed_dirs=opts.get("allowed_dirs"),
+                 allow_absolute=bool(opts.get("allow_absolute")))
+    why = ("same UUID" if res.reason == "uuid"
+           else "same content as its current parent, compared byte for byte")
+    if res.written:
+        print(f"relinked {res.disk} -> {res.parent} ({why})")
+    else:
+        print(f"{res.disk} already names {res.parent} ({why}); nothing written")
     return EXIT_OK
 
 
@@ -520,6 +546,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input")
     s.add_argument("out")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_chain_options(s)
+
+    s = sub.add_parser("relink", help="re-point a differencing disk at a new parent (after a "
+                                      "move or a coalesce), checked first",
+                       description="Rewrite DISK's parent locators, parent UUID, time stamp and "
+                                   "name to name NEW, only if NEW is the disk DISK was made "
+                                   "against: NEW's UUID is DISK's parent UUID, or NEW's virtual "
+                                   "disk reads byte for byte like DISK's current parent (which "
+                                   "must still be found, e.g. after a coalesce).")
+    s.add_argument("disk")
+    s.add_argument("--parent", required=True, metavar="NEW", help="the new parent")
+    _add_chain_options(s, parent=False)
 
     s = sub.add_parser("repair", help="restore a damaged primary footer from the copy at offset 0")
     s.add_argument("file")

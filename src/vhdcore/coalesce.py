@@ -1221,13 +1221,18 @@ def _relink_unchecked(grandchild: PathLike, new_parent: PathLike, *,
 
 # --------------------------------------------------------------------------
 def compact(vhd: PathLike, out: PathLike, *, threads: int = 2,
-            progress: Progress | None = None) -> FlattenResult:
+            progress: Progress | None = None,
+            chain_options: dict[str, Any] | None = None) -> FlattenResult:
     """Rewrite one VHD without the blocks that hold nothing.
 
     A fixed or dynamic disk becomes a sparse dynamic VHD without all-zero
     blocks (as :func:`flatten` of a one-disk chain).  A differencing disk
     stays differencing over the same parent: blocks whose bitmap is empty are
     dropped (a zero sector it holds still overrides its parent, so it stays).
+    Its parent is resolved (``chain_options`` as for :meth:`Chain.open`,
+    ``parent`` included) and the copy's locators name it from the output's
+    directory; when the parent cannot be found the copy is refused, unless it
+    goes to the input's own directory (then the locators are kept as they are).
     """
     vhd = os.fspath(vhd)
     out = os.fspath(out)
@@ -1238,25 +1243,45 @@ def compact(vhd: PathLike, out: PathLike, *, threads: int = 2,
             raise CoalesceError(f"{out}: compact cannot write over its input")
         h = src.header
         assert h is not None and src.bat is not None
+        from .disk import parent_locator_blobs
+
+        parent_path: str | None = None
+        try:
+            with Chain.open(vhd, **(chain_options or {})) as ch:
+                parent_path = ch.layers[1].path
+        except VhdError as exc:
+            same_dir = (os.path.realpath(os.path.dirname(os.path.abspath(out)))
+                        == os.path.realpath(os.path.dirname(os.path.abspath(vhd))))
+            if not same_dir:
+                raise CoalesceError(
+                    f"{vhd}: its parent cannot be found ({exc}), so the copy in another "
+                    "directory could not name it; name it with --parent, or compact into "
+                    f"{os.path.dirname(os.path.abspath(vhd))}") from None
         tmp = out + ".part"
-        # copy the header's parent identity and locators (paths stay relative
-        # only when the output sits in the same directory)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.close(fd)
         try:
             layout = DynamicLayout(src.virtual_size, src.block_size)
-            locs_blobs: list[tuple[ParentLocator, bytes]] = []
-            for loc in h.locators:
-                if loc.used:
-                    locs_blobs.append((loc, bytes(src.mv[loc.data_offset :
-                                                         loc.data_offset + loc.data_length])))
+            locs_blobs: list[tuple[bytes, bytes]] = []
+            if parent_path is not None:
+                # the same parent, named from where the copy lives
+                locs_blobs = parent_locator_blobs(out, parent_path)
+                h = h.with_(parent_name=os.path.basename(parent_path))
+            else:
+                for loc in h.locators:
+                    if loc.used:
+                        locs_blobs.append((loc.code, bytes(
+                            src.mv[loc.data_offset : loc.data_offset + loc.data_length])))
             pos = layout.data_start
             new_locs = []
-            for loc, blob in locs_blobs:
+            for code, blob in locs_blobs:
                 space = max(SECTOR, -(-len(blob) // SECTOR) * SECTOR)
-                new_locs.append(ParentLocator(loc.code, space, len(blob), pos))
+                new_locs.append(ParentLocator(code, space, len(blob), pos))
                 pos += space
             data_start = pos
+            nalloc = int(src.allocated_blocks().size)
+            if nalloc:
+                check_block_offset(data_start + (nalloc - 1) * layout.block_stride, out)
             stored: list[int] = []
             n_sectors = 0
             with open(tmp, "r+b") as f:
@@ -1271,6 +1296,7 @@ def compact(vhd: PathLike, out: PathLike, *, threads: int = 2,
                     if c == 0:
                         continue
                     off = data_start + len(stored) * layout.block_stride
+                    check_block_offset(off, out)
                     _io.pwrite_all(fdn, bm, off)
                     _io.pwrite_all(fdn, bytes(data).ljust(src.block_size, b"\0"),
                                 off + layout.bitmap_size)
