@@ -239,3 +239,51 @@ def test_coalesce_onto_a_short_last_block(tmp_path, grow, stale_bits):
         ch.write(size + grow - 512, b"\x0b" * 512)
     model[-512:] = b"\x0b" * 512
     assert read_all(p) == bytes(model)
+
+
+# ------------------------------------------------------------ info on damaged files
+import json as _json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+
+def _cli(*args):
+    env = dict(os.environ)
+    env.setdefault("PYTHONPATH", os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "src"))
+    return subprocess.run([sys.executable, "-m", "vhdcore", *map(str, args)],
+                          capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("what", ["footer", "header"])
+def test_info_on_a_bad_checksum_shows_fields_and_which_failed(tmp_path, what):
+    p = tmp_path / "d.vhd"
+    create_dynamic(p, 3 * MiB, block_size=512 * KiB).close()
+    size = os.path.getsize(p)
+    with open(p, "r+b") as f:
+        if what == "footer":
+            for off in (0, size - 512):  # both footers: the file does not open
+                f.seek(off + 64)
+                f.write(b"\x12\x34\x56\x78")
+        else:
+            f.seek(512 + 36)
+            f.write(b"\x12\x34\x56\x78")
+    r = _cli("info", p)
+    assert r.returncode == 1
+    assert "3145728" in r.stdout  # the virtual size is still shown
+    assert "0x12345678" in r.stdout and "BAD" in r.stdout
+    r = _cli("info", p, "--json")
+    assert r.returncode == 1
+    d = _json.loads(r.stdout)
+    assert d["footer"]["virtual_size"] == 3 * MiB
+    if what == "footer":
+        assert d["footer"]["checksum_ok"] is False
+        assert d["footer"]["checksum_stored"] == "0x12345678"
+        assert d["footer"]["checksum_computed"] != "0x12345678"
+        assert any("footer checksum" in b for b in d["checksum_failures"])
+    else:
+        assert d["footer"]["checksum_ok"] is True
+        assert d["header"]["checksum_ok"] is False
+        assert d["header"]["block_size"] == 512 * KiB
+        assert d["checksum_failures"] == [
+            f"header checksum (stored 0x12345678, computed {d['header']['checksum_computed']})"]

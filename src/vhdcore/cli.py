@@ -79,8 +79,11 @@ def _add_chain_options(p: argparse.ArgumentParser, parent: bool = True) -> None:
 def _info(ns: argparse.Namespace) -> int:
     from .disk import VhdFile
 
-    with VhdFile.open(ns.file) as vhd:
-        d = vhd.describe()
+    try:
+        with VhdFile.open(ns.file) as vhd:
+            d = vhd.describe()
+    except VhdError as exc:
+        return _info_damaged(ns, exc)
     if ns.json:
         _print_json(d)
         return EXIT_OK
@@ -93,6 +96,35 @@ def _info(ns: argparse.Namespace) -> int:
         else:
             print(f"{k.replace('_', ' '):20} {v}")
     return EXIT_OK
+
+
+def _info_damaged(ns: argparse.Namespace, exc: VhdError) -> int:
+    """``info`` on a file that does not open: every field that can be read,
+    and which checksum failed (stored vs computed).  Exit code 1."""
+    from .disk import inspect_damaged
+
+    try:
+        d = inspect_damaged(ns.file)
+    except (OSError, VhdError):
+        raise exc from None
+    d = {"error": str(exc), **d}
+    if ns.json:
+        _print_json(d)
+        return EXIT_ERROR
+    print(f"{'error':20} {exc}")
+    for k, v in d.items():
+        if k in ("error", "checksum_failures"):
+            continue
+        if isinstance(v, dict):
+            print(f"{k.replace('_', ' ')} at offset {v.get('offset')}:")
+            for kk, vv in v.items():
+                if kk != "offset":
+                    print(f"  {kk.replace('_', ' '):20} {vv}")
+        else:
+            print(f"{k.replace('_', ' '):20} {v}")
+    for bad in d["checksum_failures"]:
+        print(f"BAD {bad}")
+    return EXIT_ERROR
 
 
 @_command("check")

@@ -49,6 +49,8 @@ __all__ = [
     "bitmap_size_for",
     "decode_locator_path",
     "encode_locator_path",
+    "read_footer_fields",
+    "read_header_fields",
 ]
 
 SECTOR = 512
@@ -470,3 +472,64 @@ def encode_bat(bat: np.ndarray) -> bytes:
     out = np.full(nbytes // 4, BAT_UNUSED, dtype=">u4")
     out[: bat.size] = bat
     return out.tobytes()
+
+
+def read_footer_fields(raw: bytes) -> dict[str, object]:
+    """Every field of 512 footer bytes, without validating anything (for
+    ``vhdcore info`` on a damaged file), with the checksum stored and the one
+    the contents give."""
+    raw = bytes(raw).ljust(FOOTER_SIZE, b"\0")[:FOOTER_SIZE]
+    (cookie, features, version, data_offset, ts, app, app_ver, app_os, orig, cur,
+     cyl, heads, spt, dtype, csum, uid, saved, hidden) = _FOOTER.unpack_from(raw)
+    calc = checksum(raw, 64)
+    return {
+        "cookie": cookie.decode("latin-1"),
+        "cookie_ok": cookie == FOOTER_COOKIE,
+        "features": f"0x{features:08x}",
+        "version": f"0x{version:08x}",
+        "data_offset": data_offset,
+        "timestamp": ts,
+        "creator_app": app.decode("latin-1").rstrip("\0 "),
+        "creator_version": f"0x{app_ver:08x}",
+        "creator_os": app_os.decode("latin-1").rstrip("\0"),
+        "original_size": orig,
+        "virtual_size": cur,
+        "geometry": [cyl, heads, spt],
+        "type": DISK_TYPE_NAMES.get(dtype, f"unknown({dtype})"),
+        "uuid": str(_uuid.UUID(bytes=uid)),
+        "saved_state": saved,
+        "hidden": hidden,
+        "checksum_stored": f"0x{csum:08x}",
+        "checksum_computed": f"0x{calc:08x}",
+        "checksum_ok": calc == csum,
+    }
+
+
+def read_header_fields(raw: bytes) -> dict[str, object]:
+    """Every field of 1024 dynamic header bytes, without validating anything,
+    with the checksum stored and the one the contents give."""
+    raw = bytes(raw).ljust(HEADER_SIZE, b"\0")[:HEADER_SIZE]
+    (cookie, data_off, table_off, version, max_entries, block_size, csum, puuid, pts,
+     _res) = _HEADER.unpack_from(raw)
+    calc = checksum(raw, 36)
+    locs = []
+    for i in range(8):
+        code, space, length, _r, doff = _LOCATOR.unpack_from(raw, 576 + 24 * i)
+        if code != b"\0\0\0\0" or length:
+            locs.append({"code": code.decode("latin-1"), "data_space": space,
+                         "data_length": length, "data_offset": doff})
+    return {
+        "cookie": cookie.decode("latin-1"),
+        "cookie_ok": cookie == HEADER_COOKIE,
+        "bat_offset": table_off,
+        "version": f"0x{version:08x}",
+        "max_table_entries": max_entries,
+        "block_size": block_size,
+        "parent_uuid": str(_uuid.UUID(bytes=puuid)),
+        "parent_timestamp": pts,
+        "parent_name": _decode_utf16(raw[64:576], "be"),
+        "parent_locator_entries": locs,
+        "checksum_stored": f"0x{csum:08x}",
+        "checksum_computed": f"0x{calc:08x}",
+        "checksum_ok": calc == csum,
+    }
