@@ -299,25 +299,25 @@ class Chain:
                     if not stat.S_ISREG(pst.st_mode):
                         raise ConfinementError(f"{explicit}: the parent named for {cur.path} is "
                                                "not a regular file")
-                    parent = VhdFile.open(explicit)
+                    pvhd = VhdFile.open(explicit)
                 else:
                     ppath, pfd = _find_parent(cur, allowed_dirs=roots,
                                               allow_absolute=allow_absolute,
                                               allow_special=allow_special)
-                    parent = VhdFile(ppath, _fd=pfd)
+                    pvhd = VhdFile(ppath, _fd=pfd)
                 try:
-                    _check_parent(cur, parent)
+                    _check_parent(cur, pvhd)
                 except BaseException:
                     # keep the parent for the cycle message only if it is a cycle
-                    pst = os.fstat(parent._fd)
+                    pst = os.fstat(pvhd._fd)
                     if (pst.st_dev, pst.st_ino) in seen:
-                        parent.close()
+                        pvhd.close()
                         raise ChainCycleError(
                             f"{cur.path}: chain loops back to {seen[(pst.st_dev, pst.st_ino)]}"
                         ) from None
-                    parent.close()
+                    pvhd.close()
                     raise
-                cur = parent
+                cur = pvhd
         except BaseException:
             for ly in layers:
                 ly.close()

@@ -1165,7 +1165,8 @@ def _relink_unchecked(grandchild: PathLike, new_parent: PathLike, *,
     a crash at any point leaves the disk pointing at its old parent or at
     the new one, never at a mix.  Running it again is harmless.  Returns
     True when it wrote."""
-    from .disk import parent_locator_blobs, vhd_timestamp
+    from .disk import parent_locator_blobs
+    from .format import vhd_timestamp
     from .errors import ParentMismatchError
 
     grandchild = os.fspath(grandchild)
