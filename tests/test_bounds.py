@@ -117,14 +117,17 @@ def test_hostile_sizes_fail_fast_with_small_memory(tmp_path):
 
 
 def test_valid_tiny_files_with_huge_sparse_disks(tmp_path):
-    """Legal, tiny and huge: a 2 TiB disk of 256 MiB blocks with nothing
-    stored (a 35 KiB file), and a BAT preallocated for 2^32-1 entries of
-    which the virtual size needs 16.  Reading, checking and flattening them
-    stays small; only one block-sized buffer is ever needed."""
+    """Legal, tiny and huge: a 2040 GiB disk (the largest VHD allows) of
+    256 MiB blocks with nothing stored (a 35 KiB file), and a BAT
+    preallocated for 2^32-1 entries of which the virtual size needs 16.
+    Reading, checking and flattening them stays small; only one block-sized
+    buffer is ever needed.  (A 2 TiB one reads, but flatten refuses to write
+    a VHD past 2040 GiB: tests/test_edges.py.)"""
     cases = []
     d = tmp_path / "sparse-2tib"
     d.mkdir()
-    (d / "leaf.vhd").write_bytes(craft_vhd(size=2 * TiB, block_size=256 * MiB, bat_bytes=32 * KiB))
+    (d / "leaf.vhd").write_bytes(craft_vhd(size=2040 * GiB, block_size=256 * MiB,
+                                           bat_bytes=32 * KiB))
     cases.append({"name": "sparse-2tib", "dir": str(d), "leaf": "leaf.vhd"})
     d = tmp_path / "preallocated-bat"
     d.mkdir()
@@ -142,9 +145,10 @@ def test_valid_tiny_files_with_huge_sparse_disks(tmp_path):
 
 
 def test_child_claiming_2tib_over_small_parent_needs_space(tmp_path, monkeypatch):
-    """A 35 KiB differencing disk of 2 TiB over a 64 KiB fixed parent:
-    coalescing would grow the parent to 2 TiB.  The free space needed is
-    computed first and the refusal says how much."""
+    """A 35 KiB differencing disk of 2040 GiB (the largest VHD allows) over a
+    64 KiB fixed parent: coalescing would grow the parent to 2040 GiB.  The
+    free space needed is computed first and the refusal says how much.  One
+    of 2 TiB is refused before that: no VHD may grow past 2040 GiB."""
     import shutil
 
     from vhdcore.coalesce import coalesce
@@ -155,19 +159,26 @@ def test_child_claiming_2tib_over_small_parent_needs_space(tmp_path, monkeypatch
         puuid = p.footer.unique_id
     blob = "p.vhd".encode("utf-16-le")
     at = BAT_AT + 32 * KiB
-    (tmp_path / "c.vhd").write_bytes(craft_vhd(
-        size=2 * TiB, disk_type=4, block_size=256 * MiB, bat_bytes=32 * KiB,
-        parent_uuid=puuid, parent_name="p.vhd", locators=[_loc(b"W2ru", 512, len(blob), at)],
-        locator_data=[(at, blob)]))
+    def child(size):
+        (tmp_path / "c.vhd").write_bytes(craft_vhd(
+            size=size, disk_type=4, block_size=256 * MiB, bat_bytes=32 * KiB,
+            parent_uuid=puuid, parent_name="p.vhd",
+            locators=[_loc(b"W2ru", 512, len(blob), at)], locator_data=[(at, blob)]))
+
     before = (tmp_path / "p.vhd").read_bytes()
 
     class Usage:
         free = 10 * GiB
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage)
+    child(2 * TiB)
+    with pytest.raises(FormatError, match="2040 GiB"):
+        coalesce(tmp_path / "c.vhd")
+    assert (tmp_path / "p.vhd").read_bytes() == before
+    child(2040 * GiB)
     with pytest.raises(NoSpaceError) as ei:
         coalesce(tmp_path / "c.vhd")
-    assert ei.value.needed >= 2 * TiB - 64 * KiB
+    assert ei.value.needed >= 2040 * GiB - 64 * KiB
     assert ei.value.available == 10 * GiB
     assert str(ei.value.needed) in str(ei.value) and str(10 * GiB) in str(ei.value)
     assert (tmp_path / "p.vhd").read_bytes() == before

@@ -287,3 +287,17 @@ def test_info_on_a_bad_checksum_shows_fields_and_which_failed(tmp_path, what):
         assert d["header"]["block_size"] == 512 * KiB
         assert d["checksum_failures"] == [
             f"header checksum (stored 0x12345678, computed {d['header']['checksum_computed']})"]
+
+
+def test_a_disk_past_2040_gib_reads_but_no_vhd_of_it_is_written(tmp_path):
+    from _mutate import craft_vhd
+
+    p = tmp_path / "huge.vhd"
+    p.write_bytes(craft_vhd(size=2 * 1024**4, block_size=256 * MiB, bat_bytes=32 * KiB))
+    with Chain.open(p) as c:
+        assert c.read(2 * 1024**4 - 512, 512) == bytes(512)
+    for fmt in ("vhd", "fixed"):
+        with pytest.raises(FormatError, match="2040 GiB"):
+            flatten(p, tmp_path / f"out.{fmt}", fmt)
+        assert not (tmp_path / f"out.{fmt}").exists()
+        assert not (tmp_path / f"out.{fmt}.part").exists()

@@ -431,8 +431,14 @@ def test_relink_never_mixes_old_and_new_parent(tmp_path):
     disk reads through its old parent or its new one.  Before, the locators
     were rewritten in place and said the new parent's path while the header
     kept the old UUID (ParentMismatchError), and the header was rewritten in
-    place (a torn write left it damaged)."""
-    from vhdcore.coalesce import relink
+    place (a torn write left it damaged).
+
+    d2 is re-pointed over d0, skipping d1, on purpose (so that the two links
+    read differently): the public relink() refuses that (d0 does not read like
+    d1), so the write path it uses after its checks is driven directly."""
+    from vhdcore.coalesce import _relink_unchecked as relink
+    from vhdcore.coalesce import relink as checked_relink
+    from vhdcore.errors import ParentMismatchError
 
     mc = build_chain(tmp_path, size=32 * KiB, depth=3, block_size=4 * KiB, writes_per_layer=3,
                      max_len=4 * KiB, seed=9)
@@ -441,6 +447,8 @@ def test_relink_never_mixes_old_and_new_parent(tmp_path):
     probe.mkdir()
     for p in mc.paths:
         shutil.copy(p, probe / p.name)
+    with pytest.raises(ParentMismatchError):
+        checked_relink(probe / "d2.vhd", probe / "d0.vhd")
     with _io.inject(_io.FaultPlan(at=0)) as plan:
         relink(probe / "d2.vhd", probe / "d0.vhd")
     n = plan.count

@@ -37,7 +37,8 @@ from .kernels import backend
 if TYPE_CHECKING:
     from .chain import Chain
     from .check import Problem, check_chain, check_file
-    from .coalesce import CoalesceResult, FlattenResult, compact, flatten, relink, repair
+    from .coalesce import (CoalesceResult, FlattenResult, RelinkResult, compact, flatten, relink,
+                           repair)
     from .disk import VhdFile, create_differencing, create_dynamic, create_fixed
     from .fsmap import DiskMap, map_disk
     from .imaging import ImageResult, ProgressEvent, create_image
@@ -55,6 +56,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "check_chain": ("check", "check_chain"),
     "flatten": ("coalesce", "flatten"),
     "relink": ("coalesce", "relink"),
+    "RelinkResult": ("coalesce", "RelinkResult"),
     "compact": ("coalesce", "compact"),
     "repair": ("coalesce", "repair"),
     "FlattenResult": ("coalesce", "FlattenResult"),
@@ -100,6 +102,7 @@ __all__ = [
     "repair",
     "FlattenResult",
     "CoalesceResult",
+    "RelinkResult",
     # imaging
     "create_image",
     "ProgressEvent",
