@@ -120,6 +120,13 @@ class CountingStore(Store):
     def segment_limits(self) -> SegmentLimits:
         return self.inner.segment_limits()
 
+    def set_generation(self, generation: str) -> None:
+        super().set_generation(generation)
+        self.inner.set_generation(generation)
+
+    def prune(self) -> int:
+        return self.inner.prune()
+
     def describe(self) -> str:
         return self.inner.describe()
 
