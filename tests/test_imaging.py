@@ -570,3 +570,23 @@ def test_s3_reimage_failing_at_the_switch_keeps_the_old_image(chain, chain_b, tm
     restore(url, out)
     assert digest_of(out) == digest_of(chain_b.leaf)
     assert len(_stored_objects(url)) == 2
+
+
+def test_image_files_honour_the_umask_and_job_state_stays_private(odd_chain, tmp_path,
+                                                                   monkeypatch):
+    url = f"file://{tmp_path}/img"
+    old = os.umask(0o002)
+    try:
+        monkeypatch.setattr(imaging, "time", _Clock(8))
+        with pytest.raises(VhdTimeoutError):
+            create_image(odd_chain.leaf, url, segment_size=1 * MiB, timeout=100)
+        assert os.stat(job_state_path(url)).st_mode & 0o777 == 0o600
+        monkeypatch.undo()
+        create_image(odd_chain.leaf, url, segment_size=1 * MiB, resume=True)
+        restore(url, tmp_path / "out.vhd")
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) > 3
+    for p in files:
+        assert p.stat().st_mode & 0o777 == 0o664, p
