@@ -205,7 +205,7 @@ def server_control() -> Any:
     """The ``SwiftServer`` of scripts/swift_server.py for the running loopback Swift, or skip."""
     directory = os.environ.get("VHDCORE_TEST_SWIFT_DIR")
     if not directory or not (Path(directory) / "state.json").exists():
-        pytest.skip(
+        server_missing(
             "VHDCORE_TEST_SWIFT_DIR does not name a loopback Swift started by scripts/swift_server.py"
         )
     spec = importlib.util.spec_from_file_location(
