@@ -23,6 +23,11 @@ A job state file records the plan and every segment uploaded.  A timeout,
 Ctrl-C, a crash or a lost server leaves it behind; ``resume=True``
 continues: blocks of segments already in the store are merged again (for the
 stream digest) but never compressed or sent again.
+
+Over a complete image, the new segments go to another *generation* of the
+target (recorded in the job state) and the old image stays complete and
+restorable until the new manifest replaces it; then what only the old image
+used is deleted (see :mod:`vhdcore.store.base`).
 """
 from __future__ import annotations
 
