@@ -488,8 +488,19 @@ def test_stopped_reimage_keeps_the_old_image(chain, chain_b, tmp_path, monkeypat
     monkeypatch.setattr(imaging, "time", clock)
     stores = _counting(monkeypatch)
 
+    submitted = []
+
+    class Recording(imaging.SegmentUploader):
+        def submit(self, index, data, md5_hex=None):
+            super().submit(index, data, md5_hex)
+            submitted.append(index)
+
+    monkeypatch.setattr(imaging, "SegmentUploader", Recording)
+
     def watch(ev):
-        if ev.stage == "uploading" and ev.bytes_done > 6 * MiB:
+        # stop once a segment of the new image is handed to the uploader (the
+        # stop lets it finish; the segment's own progress event sees it)
+        if ev.stage == "uploading" and submitted:
             if how == "timeout":
                 clock.jump = True
             elif how == "interrupt":
