@@ -458,3 +458,14 @@ def test_restore_writes_through_the_io_layer(tmp_path: Path, stream: ImageStream
                 restore(store_at(tmp_path), out)
         assert not out.exists()
         assert not [p for p in os.listdir(tmp_path) if p.startswith(f".out{at}")]
+
+
+def test_delete_removes_every_generation(tmp_path: Path, stream: ImageStream) -> None:
+    upload_frames(store_at(tmp_path), stream.frames, segment_size=SEG, metadata=stream.metadata)
+    other = ImageStream(seed=13, chunks=20, chunk_size=128 * 1024)
+    with pytest.raises(UploadError):  # a stopped re-upload: a second generation
+        upload_frames(CountingStore(store_at(tmp_path), fail_after=2), other.frames,
+                      segment_size=SEG, metadata=other.metadata, concurrency=1)
+    assert any(p.is_dir() for p in (tmp_path / "img.segments").iterdir())
+    store_at(tmp_path).delete()
+    assert list(tmp_path.iterdir()) == []
