@@ -17,7 +17,7 @@ import urllib.request
 import uuid
 
 import pytest
-from _benchutil import gbps
+from _benchutil import gbps, server_missing
 
 from vhdcore._workloads import make_chain
 from vhdcore.bench import measure_peak_memory
@@ -60,8 +60,8 @@ def test_image_to_directory(benchmark, workloads, tmp_path, request):
 def _swift_or_skip() -> None:
     for key in ("ST_AUTH", "ST_USER", "ST_KEY"):
         if not os.environ.get(key):
-            pytest.skip("loopback Swift not configured (ST_AUTH, ST_USER, ST_KEY; see "
-                        "scripts/swift_server.py)")
+            server_missing("loopback Swift not configured (ST_AUTH, ST_USER, ST_KEY; see "
+                       "scripts/swift_server.py)")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     req = urllib.request.Request(
         os.environ["ST_AUTH"],
@@ -70,7 +70,7 @@ def _swift_or_skip() -> None:
     try:
         opener.open(req, timeout=5).close()
     except OSError as exc:
-        pytest.skip(f"loopback Swift does not answer: {exc}")
+        server_missing(f"loopback Swift does not answer: {exc}")
 
 
 @pytest.fixture()

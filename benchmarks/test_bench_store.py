@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _benchutil import server_missing
 
 from vhdcore._workloads import realistic_block
 from vhdcore.compress import FrameCompressor, decompress_frames
@@ -104,7 +105,7 @@ def test_upload_directory(benchmark, frames, metadata, sizes, tmp_path: Path) ->
 def _swift_or_skip() -> None:
     for key in ("ST_AUTH", "ST_USER", "ST_KEY"):
         if not os.environ.get(key):
-            pytest.skip("loopback Swift not configured (see scripts/swift_server.py)")
+            server_missing("loopback Swift not configured (see scripts/swift_server.py)")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     req = urllib.request.Request(
         os.environ["ST_AUTH"],
@@ -113,7 +114,7 @@ def _swift_or_skip() -> None:
     try:
         opener.open(req, timeout=5).close()
     except OSError as exc:
-        pytest.skip(f"loopback Swift does not answer: {exc}")
+        server_missing(f"loopback Swift does not answer: {exc}")
 
 
 @pytest.fixture(scope="module")

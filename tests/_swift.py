@@ -120,6 +120,13 @@ class CountingStore(Store):
     def segment_limits(self) -> SegmentLimits:
         return self.inner.segment_limits()
 
+    def set_generation(self, generation: str) -> None:
+        super().set_generation(generation)
+        self.inner.set_generation(generation)
+
+    def prune(self) -> int:
+        return self.inner.prune()
+
     def describe(self) -> str:
         return self.inner.describe()
 
@@ -198,7 +205,7 @@ def server_control() -> Any:
     """The ``SwiftServer`` of scripts/swift_server.py for the running loopback Swift, or skip."""
     directory = os.environ.get("VHDCORE_TEST_SWIFT_DIR")
     if not directory or not (Path(directory) / "state.json").exists():
-        pytest.skip(
+        server_missing(
             "VHDCORE_TEST_SWIFT_DIR does not name a loopback Swift started by scripts/swift_server.py"
         )
     spec = importlib.util.spec_from_file_location(

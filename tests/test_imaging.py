@@ -349,3 +349,255 @@ def test_zero_blocks_are_never_compressed_or_sent(tmp_path, monkeypatch):
     assert res.blocks_stored < candidates  # the all-zero allocated blocks were dropped
     assert len(calls) == res.blocks_stored + 2
     assert res.stream_size == (calls[0] + sum(calls[1:-1]) + calls[-1])
+
+
+@pytest.fixture(scope="module")
+def odd_chain(tmp_path_factory):
+    """A chain whose virtual size ends 7 sectors into its last block, with
+    full blocks before it written everywhere (so pooled buffers carry bits)."""
+    from _builders import build_chain
+
+    return build_chain(tmp_path_factory.mktemp("odd"), size=12 * 512 * 1024 + 7 * 512, depth=2,
+                       block_size=512 * 1024, writes_per_layer=200, base_writes=0,
+                       max_len=512 * 1024, seed=3)
+
+
+def test_short_last_block_has_zero_bitmap_padding(odd_chain):
+    from vhdcore.coalesce import iter_image_blocks
+
+    with Chain.open(odd_chain.leaf) as c:
+        n_last = c.block_sectors(c.nblocks - 1)
+        assert n_last == 7
+        for threads in (1, 2, 3):
+            seen = False
+            for blk in iter_image_blocks(c, threads=threads):
+                if blk.index == c.nblocks - 1:
+                    seen = True
+                    bm = bytes(blk.bitmap)
+                    # sectors 0..6 are bits 7..1 of byte 0; everything after is padding
+                    assert bm[0] & 0x01 == 0 and not any(bm[1:]), f"stale bits (threads={threads})"
+            assert seen
+
+
+def test_odd_size_image_is_deterministic_and_restores(odd_chain, tmp_path, monkeypatch):
+    """Same chain and options give identical image bytes whatever the thread
+    count, and across a stop + --resume; the restored disk equals the model."""
+    urls = []
+    for i, threads in enumerate((1, 2, 3)):
+        (tmp_path / f"o{i}").mkdir()
+        url = f"file://{tmp_path}/o{i}/img"
+        create_image(odd_chain.leaf, url, threads=threads, segment_size=1 * MiB,
+                     state_dir=tmp_path / "st")
+        urls.append(url)
+    # a stopped and resumed run, from a pass with other threads
+    (tmp_path / "r").mkdir()
+    url = f"file://{tmp_path}/r/img"
+    clock = _Clock()
+    monkeypatch.setattr(imaging, "time", clock)
+
+    def watch(ev):
+        if ev.stage == "uploading" and ev.bytes_done > 2 * MiB:
+            clock.jump = True
+
+    with pytest.raises(VhdTimeoutError):
+        create_image(odd_chain.leaf, url, threads=1, segment_size=1 * MiB, timeout=100,
+                     progress=watch, state_dir=tmp_path / "st")
+    import time as real_time
+
+    monkeypatch.setattr(imaging, "time", real_time)
+    create_image(odd_chain.leaf, url, threads=3, segment_size=1 * MiB, resume=True,
+                 state_dir=tmp_path / "st")
+    urls.append(url)
+    mans = [open_store(u).get_manifest() for u in urls]
+    first = [(s.size, s.etag) for s in mans[0].segments]
+    for m in mans[1:]:
+        assert [(s.size, s.etag) for s in m.segments] == first
+        assert m.sha256 == mans[0].sha256
+    for i, u in enumerate(urls):
+        out = tmp_path / f"restored{i}.vhd"
+        restore(u, out)
+        with Chain.open(out) as c:
+            assert c.read(0, c.virtual_size) == bytes(odd_chain.model)
+
+
+# ---------------------------------------------------------------- re-imaging
+#: a re-image onto a complete image may need an explicit opt-in (``replace``)
+_REPLACE = ({"replace": True} if "replace" in __import__("inspect").signature(
+    create_image).parameters else {})
+
+
+@pytest.fixture(scope="module")
+def chain_b(tmp_path_factory):
+    return make_chain(tmp_path_factory.mktemp("chain_b"), "realistic", size=40 * MiB, layers=2,
+                      seed=11, block_size=512 * 1024)
+
+
+def _stored_objects(url: str) -> set[str]:
+    """Every object the target holds for the image at ``url`` (segments of any
+    generation, unfinished uploads, manifests)."""
+    from urllib.parse import urlparse
+
+    p = urlparse(url)
+    if p.scheme == "file":
+        d = Path(p.path).parent
+        return {str(f.relative_to(d)) for f in d.rglob("*") if f.is_file()}
+    if p.scheme == "swift":
+        from _swift import swift_connection
+
+        conn = swift_connection()
+        name = p.path.lstrip("/")
+        _, segs = conn.get_container(f"{p.netloc}_segments", prefix=name + "/", full_listing=True)
+        _, objs = conn.get_container(p.netloc, full_listing=True)
+        return {"seg:" + o["name"] for o in segs} | {o["name"] for o in objs}
+    from _swift import s3_client
+
+    c = s3_client()
+    key = p.path.lstrip("/")
+    objs = {o["Key"] for o in c.list_objects_v2(Bucket=p.netloc).get("Contents", [])}
+    ups = {"upload:" + u["Key"] for u in c.list_multipart_uploads(Bucket=p.netloc).get("Uploads", [])}
+    assert all(k.startswith(key) for k in objs)
+    return objs | ups
+
+
+def _expected_objects(url: str) -> int:
+    """How many objects a complete image at ``url`` consists of, with nothing
+    left over: per segment 2 files (data + .md5) plus the manifest for a
+    directory; segments plus the SLO manifest for Swift; the object and
+    its record for S3."""
+    man = open_store(url).get_manifest()
+    kind = url.split(":")[0]
+    return {"file": 2 * len(man.segments) + 1, "swift": len(man.segments) + 1, "s3": 2}[kind]
+
+
+@pytest.mark.parametrize("kind,how", [("file", "timeout"), ("file", "interrupt"),
+                                      ("file", "store-failure"), ("swift", "timeout"),
+                                      ("swift", "store-failure"), ("s3", "timeout"),
+                                      ("s3", "store-failure")])
+def test_stopped_reimage_keeps_the_old_image(chain, chain_b, tmp_path, monkeypatch, kind, how):
+    """A re-image over a complete image that stops midway leaves the old image
+    complete and restorable, and the new job resumable; once the new one is
+    complete, nothing of the old one is left."""
+    url = _url(kind, tmp_path)
+    seg = 5 * MiB + 64 * 1024
+    st = tmp_path / "state"
+    create_image(chain.leaf, url, segment_size=seg, state_dir=st)
+    old_digest = digest_of(chain.leaf)
+    old_objects = _stored_objects(url)
+    assert len(old_objects) == _expected_objects(url)
+    clock = _Clock()
+    monkeypatch.setattr(imaging, "time", clock)
+    stores = _counting(monkeypatch)
+
+    submitted = []
+
+    class Recording(imaging.SegmentUploader):
+        def submit(self, index, data, md5_hex=None):
+            super().submit(index, data, md5_hex)
+            submitted.append(index)
+
+    monkeypatch.setattr(imaging, "SegmentUploader", Recording)
+
+    def watch(ev):
+        # stop once a segment of the new image is handed to the uploader (the
+        # stop lets it finish; the segment's own progress event sees it)
+        if ev.stage == "uploading" and submitted:
+            if how == "timeout":
+                clock.jump = True
+            elif how == "interrupt":
+                raise KeyboardInterrupt
+
+    if how == "store-failure":
+        real = imaging.open_store
+
+        def failing(u, **kw):
+            s = CountingStore(real(u, **kw), fail_after=1)
+            stores.append(s)
+            return s
+
+        monkeypatch.setattr(imaging, "open_store", failing)
+    with pytest.raises((VhdTimeoutError, StoreError)):
+        create_image(chain_b.leaf, url, segment_size=seg, timeout=1000, progress=watch,
+                     state_dir=st, **_REPLACE)
+    assert stores[-1].puts, "the re-image stopped before writing anything"
+    import time as real_time
+
+    monkeypatch.setattr(imaging, "time", real_time)
+    monkeypatch.undo()
+    # the old image is still complete, and every object of it untouched
+    assert old_objects <= _stored_objects(url)
+    out = tmp_path / "old.vhd"
+    man = restore(url, out)
+    assert digest_of(out) == old_digest
+    # the new job resumes and replaces it; nothing of the old image stays
+    res = create_image(chain_b.leaf, url, segment_size=seg, resume=True, state_dir=st, **_REPLACE)
+    assert res.resumed and res.segments_skipped >= 1
+    out = tmp_path / "new.vhd"
+    man = restore(url, out)
+    assert digest_of(out) == digest_of(chain_b.leaf)
+    assert man.sha256 == res.sha256
+    left = _stored_objects(url)
+    assert len(left) == _expected_objects(url), sorted(left)
+    if kind != "s3":  # S3 keeps the record's name; its content changed
+        assert not (left & old_objects) - {"image.manifest.json", url.rsplit("/", 1)[1]}
+    # and a third image over that one (the generations alternate)
+    create_image(chain.leaf, url, segment_size=seg, state_dir=st, **_REPLACE)
+    restore(url, out)
+    assert digest_of(out) == old_digest
+    assert len(_stored_objects(url)) == _expected_objects(url)
+
+
+def test_s3_reimage_failing_at_the_switch_keeps_the_old_image(chain, chain_b, tmp_path,
+                                                               monkeypatch):
+    """S3: the new multipart upload completes, then writing the manifest
+    record (the switch) fails: the old image must still restore (its object
+    was never replaced), and a resume finishes the new one."""
+    url = _url("s3", tmp_path)
+    seg = 5 * MiB + 64 * 1024
+    st = tmp_path / "state"
+    create_image(chain.leaf, url, segment_size=seg, state_dir=st)
+    real = imaging.open_store
+
+    def failing_record(u, **kw):
+        s = real(u, **kw)
+        put = s._client.put_object
+
+        def put_object(**a):
+            if a.get("Key", "").endswith(".vhdcore.json"):
+                raise ConnectionResetError("injected: connection lost writing the record")
+            return put(**a)
+
+        s._client.put_object = put_object
+        s.retry = type(s.retry)(attempts=1)
+        return s
+
+    monkeypatch.setattr(imaging, "open_store", failing_record)
+    with pytest.raises(StoreError):
+        create_image(chain_b.leaf, url, segment_size=seg, state_dir=st, **_REPLACE)
+    monkeypatch.undo()
+    out = tmp_path / "old.vhd"
+    restore(url, out)
+    assert digest_of(out) == digest_of(chain.leaf)
+    create_image(chain_b.leaf, url, segment_size=seg, resume=True, state_dir=st, **_REPLACE)
+    restore(url, out)
+    assert digest_of(out) == digest_of(chain_b.leaf)
+    assert len(_stored_objects(url)) == 2
+
+
+def test_image_files_honour_the_umask_and_job_state_stays_private(odd_chain, tmp_path,
+                                                                   monkeypatch):
+    url = f"file://{tmp_path}/img"
+    old = os.umask(0o002)
+    try:
+        monkeypatch.setattr(imaging, "time", _Clock(8))
+        with pytest.raises(VhdTimeoutError):
+            create_image(odd_chain.leaf, url, segment_size=1 * MiB, timeout=100)
+        assert os.stat(job_state_path(url)).st_mode & 0o777 == 0o600
+        monkeypatch.undo()
+        create_image(odd_chain.leaf, url, segment_size=1 * MiB, resume=True)
+        restore(url, tmp_path / "out.vhd")
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) > 3
+    for p in files:
+        assert p.stat().st_mode & 0o777 == 0o664, p

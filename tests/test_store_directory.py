@@ -383,3 +383,89 @@ def test_segment_size_prefers_32_mib_for_small_images() -> None:
 def test_segment_size_too_large_image() -> None:
     with pytest.raises(ValueError, match="maximum segment size"):
         choose_segment_size(10 * 1024 * GiB, SWIFT_DEFAULTS)
+
+
+# -- generations, leftovers, modes, the _io layer ------------------------------------------------
+def _files(d: Path) -> set[str]:
+    return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
+
+
+def test_no_stale_segments_after_a_smaller_image(tmp_path: Path, stream: ImageStream) -> None:
+    """A second image with fewer segments over a first one, and the temporary
+    files a crash leaves: after the upload only what the manifest uses is left."""
+    upload_frames(store_at(tmp_path), stream.frames, segment_size=SEG, metadata=stream.metadata)
+    small = ImageStream(seed=5, chunks=6, chunk_size=128 * 1024)
+    # debris of an earlier crash: a half-written segment and manifest
+    (tmp_path / "img.segments" / ".00000001.lz4.deadbeef.tmp").write_bytes(b"x")
+    (tmp_path / ".img.manifest.json.deadbeef.tmp").write_bytes(b"{")
+    man = upload_frames(store_at(tmp_path), small.frames, segment_size=SEG, metadata=small.metadata)
+    assert len(man.segments) < len(pack_list := list(pack_segments(stream.frames, SEG)))
+    assert len(_files(tmp_path)) == 2 * len(man.segments) + 1, sorted(_files(tmp_path))
+    restore(store_at(tmp_path), tmp_path / "out.vhd")
+    assert (tmp_path / "out.vhd").read_bytes() == small.raw
+    assert pack_list  # the first image had more segments
+
+
+def test_stopped_upload_over_an_image_keeps_it(tmp_path: Path, stream: ImageStream) -> None:
+    upload_frames(store_at(tmp_path), stream.frames, segment_size=SEG, metadata=stream.metadata)
+    before = {p: (tmp_path / p).read_bytes() for p in _files(tmp_path)}
+    other = ImageStream(seed=12, chunks=40, chunk_size=128 * 1024)
+    with pytest.raises(UploadError):
+        upload_frames(CountingStore(store_at(tmp_path), fail_after=3), other.frames,
+                      segment_size=SEG, metadata=other.metadata, concurrency=1)
+    for p, data in before.items():
+        assert (tmp_path / p).read_bytes() == data, f"{p} of the complete image changed"
+    restore(store_at(tmp_path), tmp_path / "old.vhd")
+    assert (tmp_path / "old.vhd").read_bytes() == stream.raw
+    # the re-run resumes the stopped upload (its 3 segments are not sent again)
+    again = CountingStore(store_at(tmp_path))
+    upload_frames(again, other.frames, segment_size=SEG, metadata=other.metadata)
+    total = sum(1 for _ in pack_segments(other.frames, SEG))
+    assert len(again.puts) == total - 3
+    restore(store_at(tmp_path), tmp_path / "new.vhd")
+    assert (tmp_path / "new.vhd").read_bytes() == other.raw
+    assert len(_files(tmp_path)) == 2 * total + 1 + 2  # + the two restored files
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_files_honour_the_umask(tmp_path: Path, stream: ImageStream, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        upload_frames(store_at(tmp_path), stream.frames, segment_size=SEG, metadata=stream.metadata)
+        restore(store_at(tmp_path), tmp_path / "out.vhd")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    for p in _files(tmp_path):
+        assert (tmp_path / p).stat().st_mode & 0o777 == want, f"{p}: {oct((tmp_path / p).stat().st_mode)}"
+
+
+def test_restore_writes_through_the_io_layer(tmp_path: Path, stream: ImageStream) -> None:
+    """Restore's writes, fsyncs and rename go through vhdcore._io: a fault
+    injected there fails the restore and leaves no output."""
+    from vhdcore import _io
+
+    upload_frames(store_at(tmp_path), stream.frames, segment_size=SEG, metadata=stream.metadata)
+    with _io.inject(_io.FaultPlan(at=0)) as plan:
+        restore(store_at(tmp_path), tmp_path / "counted.vhd")
+    assert {"pwrite", "fsync", "replace"} <= set(plan.ops), plan.ops
+    # the last operation is the directory fsync after the rename
+    assert plan.ops[-2] == "replace"
+    for at in (1, plan.count // 2, plan.count - 1):
+        out = tmp_path / f"out{at}.vhd"
+        with _io.inject(_io.FaultPlan(at=at, kind="eio")):
+            with pytest.raises(OSError):
+                restore(store_at(tmp_path), out)
+        assert not out.exists()
+        assert not [p for p in os.listdir(tmp_path) if p.startswith(f".out{at}")]
+
+
+def test_delete_removes_every_generation(tmp_path: Path, stream: ImageStream) -> None:
+    upload_frames(store_at(tmp_path), stream.frames, segment_size=SEG, metadata=stream.metadata)
+    other = ImageStream(seed=13, chunks=20, chunk_size=128 * 1024)
+    with pytest.raises(UploadError):  # a stopped re-upload: a second generation
+        upload_frames(CountingStore(store_at(tmp_path), fail_after=2), other.frames,
+                      segment_size=SEG, metadata=other.metadata, concurrency=1)
+    assert any(p.is_dir() for p in (tmp_path / "img.segments").iterdir())
+    store_at(tmp_path).delete()
+    assert list(tmp_path.iterdir()) == []

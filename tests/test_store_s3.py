@@ -148,3 +148,36 @@ def test_counting_wrapper_sees_no_puts_on_rerun(bucket: str, stream: ImageStream
     upload_frames(again, stream.frames, segment_size=SEG, metadata=stream.metadata)
     assert again.puts  # S3 cannot skip parts of a completed object
     assert store(bucket).get_manifest().sha256 == stream.sha256
+
+
+def test_nosuchupload_recovery_checks_the_parts(bucket: str, stream: ImageStream, tmp_path: Path) -> None:
+    """A completion answered NoSuchUpload (its first try went through) is
+    accepted only if the object is made of exactly the listed parts: the
+    shape of a multipart ETag ("...-N") proves nothing."""
+    import hashlib
+
+    from vhdcore.store.base import SegmentInfo
+
+    def multipart_etag(etags: list[str]) -> str:  # S3's rule, written independently
+        return hashlib.md5(b"".join(bytes.fromhex(e) for e in etags)).hexdigest() + f"-{len(etags)}"
+
+    man = upload_frames(store(bucket), stream.frames, segment_size=SEG, metadata=stream.metadata)
+    assert len(man.segments) >= 3
+    head = s3_client().head_object(Bucket=bucket, Key="images/disk.vhd")
+    assert head["ETag"].strip('"') == multipart_etag([s.etag for s in man.segments])
+    record = s3_client().get_object(Bucket=bucket, Key="images/disk.vhd.vhdcore.json")["Body"].read()
+    wrong_etag = [SegmentInfo(s.index, s.size, "0" * 32 if s.index == 1 else s.etag) for s in man.segments]
+    wrong_size = [SegmentInfo(s.index, s.size + (7 if s.index == 0 else 0), s.etag) for s in man.segments]
+    for segments in (wrong_etag, wrong_size):
+        s = store(bucket)
+        s._upload_id = "no-such-upload-" + unique("x")  # the completion answers NoSuchUpload
+        with pytest.raises(UploadError, match="NoSuchUpload"):
+            s.put_manifest(segments, stream.metadata)
+        # nothing claims the wrong parts: the record is the old one
+        assert s3_client().get_object(Bucket=bucket, Key="images/disk.vhd.vhdcore.json")["Body"].read() == record
+    # the very parts: the earlier completion is recognised
+    s = store(bucket)
+    s._upload_id = "no-such-upload-" + unique("x")
+    s.put_manifest(man.segments, stream.metadata)
+    restore(store(bucket), tmp_path / "out.vhd")
+    assert (tmp_path / "out.vhd").read_bytes() == stream.raw

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 __all__ = ["pwrite_all", "fsync", "ftruncate", "replace", "unlink", "fsync_dir", "atomic_write",
+           "create_temp",
            "FaultPlan", "inject", "SimulatedCrash"]
 
 
@@ -125,15 +126,15 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, data: bytes | bytearray | memoryview, *, durable: bool = True) -> None:
+def atomic_write(path: str, data: bytes | bytearray | memoryview, *, durable: bool = True,
+                 private: bool = False) -> None:
     """Replace ``path`` with ``data`` all at once: a temporary file beside it,
     fsynced (when ``durable``), renamed over ``path``, the directory fsynced.
-    A failure removes the temporary file and leaves ``path`` as it was."""
-    import tempfile
-
+    A failure removes the temporary file and leaves ``path`` as it was.
+    The file gets mode 0666 less the umask, like any file a program creates,
+    or 0600 when ``private``."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
+    fd, tmp = create_temp(directory, f".{os.path.basename(path)}.", ".tmp", private=private)
     try:
         try:
             pwrite_all(fd, data, 0)
@@ -150,6 +151,24 @@ def atomic_write(path: str, data: bytes | bytearray | memoryview, *, durable: bo
         raise
     if durable:
         fsync_dir(directory)
+
+
+def create_temp(directory: str, prefix: str, suffix: str, *,
+                private: bool = False) -> tuple[int, str]:
+    """Create a new empty file with a unique name in ``directory`` (mode 0666
+    less the umask, or 0600 when ``private``; ``tempfile.mkstemp`` always
+    makes 0600); return its write descriptor and path."""
+    import secrets
+
+    mode = 0o600 if private else 0o666
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(path, flags, mode), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {directory}")
 
 
 @contextlib.contextmanager

@@ -129,6 +129,17 @@ def fs_free_map(chain: Chain) -> tuple[FsFreeMap, dict[str, Any]]:
     return FsFreeMap(dmap, chain.block_size), dmap.to_json()
 
 
+def _clear_bitmap_tail(bitmap: memoryview, nsectors: int) -> None:
+    """Clear every bit of ``bitmap`` past sector ``nsectors`` (bit 7 of byte
+    0 is sector 0)."""
+    full, rest = divmod(nsectors, 8)
+    if rest:
+        bitmap[full] &= (0xFF << (8 - rest)) & 0xFF
+        full += 1
+    if full < len(bitmap):
+        bitmap[full:] = bytes(len(bitmap) - full)
+
+
 def _apply_free(bitmap: memoryview, nsectors: int, free: bytes) -> None:
     nb = (nsectors + 7) // 8
     bm = np.frombuffer(bitmap, dtype=np.uint8, count=nb)
@@ -176,8 +187,13 @@ def iter_image_blocks(chain: Chain, *, threads: int = 2, blocks: Iterable[int] |
             filled = kernels.clear_zero_sectors(bm, data, n)
         elif filled:
             filled = kernels.bitmap_count(bm, n)
-        if filled and n * SECTOR < bs:
-            data[n * SECTOR :] = bytes(bs - n * SECTOR)
+        if n * SECTOR < bs:
+            # a short last block: the pooled buffers still hold an earlier
+            # block past its end; the bitmap's padding bits and the data
+            # past the disk must be zero (the stream is then deterministic)
+            _clear_bitmap_tail(bm, n)
+            if filled:
+                data[n * SECTOR :] = bytes(bs - n * SECTOR)
         return blk, n, filled, bufs
 
     def release(bufs: tuple[memoryview, memoryview]) -> None:

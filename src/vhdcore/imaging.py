@@ -23,6 +23,11 @@ A job state file records the plan and every segment uploaded.  A timeout,
 Ctrl-C, a crash or a lost server leaves it behind; ``resume=True``
 continues: blocks of segments already in the store are merged again (for the
 stream digest) but never compressed or sent again.
+
+Over a complete image, the new segments go to another *generation* of the
+target (recorded in the job state) and the old image stays complete and
+restorable until the new manifest replaces it; then what only the old image
+used is deleted (see :mod:`vhdcore.store.base`).
 """
 from __future__ import annotations
 
@@ -167,7 +172,7 @@ def _job_id(identity: list[dict[str, Any]], target: str, options: dict[str, Any]
 
 def _save_state(path: str, state: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _io.atomic_write(path, json.dumps(state).encode())
+    _io.atomic_write(path, json.dumps(state).encode(), private=True)
 
 
 def _block_fingerprint(blk: Any) -> str:
@@ -422,6 +427,17 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
             done_segments[str(info.index)] = {"first": first, "count": count, "size": info.size,
                                               "etag": info.etag}
 
+    # the new image's segments go under a generation the image now at the
+    # target does not use: that one stays complete and restorable until the
+    # new manifest replaces it (then its segments are deleted)
+    generation = state.get("generation")
+    if generation is None or generation == store.current_generation():
+        if generation is not None:
+            done_segments.clear()  # that generation now holds a complete image
+        generation = store.new_generation(seed=job_id)
+        state["generation"] = generation
+        _save_state(spath, state)
+    store.set_generation(generation)
     uploader = SegmentUploader(store, concurrency=concurrency,
                                max_pending=max(1, min(2 * concurrency,
                                                       (256 << 20) // max(1, segment_size))),

@@ -5,6 +5,15 @@ whole number of lz4 frames) plus a *manifest* naming them in order with the
 image metadata.  Writing the manifest is the last step of an upload: an image
 without one is incomplete, and its uploaded segments are kept so that a
 re-run can skip them (resume).
+
+*Generations*: the segments of one image live under a generation name
+(``""``, the primary one, or ``g`` + hex digits), and the manifest names the
+generation it uses.  A new image over a complete one writes its segments
+under another generation than the current manifest's (see
+:meth:`Store.new_generation`), switches the manifest last (one atomic write)
+and only then deletes what the old generation alone used
+(:meth:`Store.prune`): until the switch the old image stays complete and
+restorable, and a stopped upload stays resumable.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import secrets
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -19,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar, Union
 
 from .._version import __version__
-from ..errors import StoreError, UploadError, VhdError
+from ..errors import StoreError, StoreNotFoundError, UploadError, VhdError
 from .retry import RetryExhausted, RetryPolicy, call_with_retry
 
 __all__ = [
@@ -59,6 +69,7 @@ META_STREAM_SIZE = "stream-size"
 FORMAT_VHD_DYNAMIC = "vhd-dynamic"
 
 _KEY_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+_GENERATION_RE = re.compile(r"^(|g[0-9a-f]{12})$")
 # printable ASCII except '%' stays as is in headers; everything else is %-encoded
 _SAFE_CHARS = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "%")
 
@@ -146,6 +157,8 @@ class Manifest:
 
     segments: list[SegmentInfo]
     metadata: dict[str, str] = field(default_factory=dict)
+    #: the generation whose segments the image uses (``""``: the primary one)
+    generation: str = ""
 
     @property
     def compressed_size(self) -> int:
@@ -241,6 +254,45 @@ class Store(ABC):
     def __init__(self, url: str, retry: RetryPolicy | None = None) -> None:
         self.url = url
         self.retry = retry or RetryPolicy()
+        #: the generation that put_segment/list_segments/put_manifest use
+        self.generation = ""
+
+    # -- generations --------------------------------------------------------
+    def set_generation(self, generation: str) -> None:
+        """Write (and list) segments under ``generation`` from now on."""
+        if not _GENERATION_RE.match(generation):
+            raise ValueError(f"invalid generation name {generation!r}")
+        self.generation = generation
+
+    def current_generation(self) -> str | None:
+        """The generation of the complete image there now (None: no image).
+        A manifest that cannot be read counts as an image of an unknown
+        generation (``"?"``): a new upload then never touches the primary
+        one."""
+        try:
+            return self.get_manifest().generation
+        except StoreNotFoundError:
+            return None
+        except StoreError:
+            return "?"
+
+    def new_generation(self, seed: str | None = None) -> str:
+        """A generation for a new image that the current image does not use:
+        the primary one (``""``) unless the current image lives there, else
+        ``g`` + 12 hex digits (derived from ``seed``, random without)."""
+        if self.current_generation() not in ("", "?"):
+            return ""
+        if seed is None:
+            return "g" + secrets.token_hex(6)
+        return "g" + hashlib.sha256(seed.encode()).hexdigest()[:12]
+
+    def prune(self) -> int:
+        """Delete every segment (and unfinished upload) of this image that its
+        current manifest does not use: older generations, stopped uploads,
+        leftovers.  Returns how many objects went.  Call it only after the
+        manifest was switched.  This base version keeps everything (for
+        stores that keep nothing besides the manifest's segments)."""
+        return 0
 
     # -- the interface ----------------------------------------------------
     @abstractmethod

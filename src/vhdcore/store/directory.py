@@ -2,13 +2,16 @@
 
 Layout beside each other in the directory::
 
-    name.segments/00000000.lz4        segment bytes
+    name.segments/00000000.lz4        segment bytes (the primary generation)
     name.segments/00000000.lz4.md5    "<md5 hex> <size>" (written after the segment)
-    name.manifest.json                the manifest: segments and metadata
+    name.segments/g<hex>/00000000.lz4 segments of another generation (a re-image)
+    name.manifest.json                the manifest: generation, segments, metadata
 
 Every file is written to a temporary name, flushed to disk and renamed, so a
 crash leaves either the old state or the new one; a segment counts as
-uploaded only once its ``.md5`` record exists and matches its size.
+uploaded only once its ``.md5`` record exists and matches its size.  Files
+get the usual mode (0666 less the umask).  After a new manifest is written,
+:meth:`DirectoryStore.prune` removes every file the manifest does not use.
 """
 
 from __future__ import annotations
@@ -23,7 +26,15 @@ from typing import Any
 
 from .. import _io
 from ..errors import StoreError, StoreNotFoundError, UploadError
-from .base import Buffer, Manifest, SegmentInfo, SegmentLimits, Store, check_metadata
+from .base import (
+    _GENERATION_RE,
+    Buffer,
+    Manifest,
+    SegmentInfo,
+    SegmentLimits,
+    Store,
+    check_metadata,
+)
 from .retry import RetryPolicy
 
 __all__ = ["DirectoryStore"]
@@ -67,16 +78,21 @@ class DirectoryStore(Store):
         self.segments_dir = self.directory / f"{name}.segments"
         self.manifest_path = self.directory / f"{name}.manifest.json"
         self._mkdir_lock = threading.Lock()
+        self._read_generation: str | None = None
         super().__init__(url or f"file://{self.directory / name}", retry)
 
     def _check_directory(self) -> None:
         if not self.directory.is_dir():
             raise StoreNotFoundError(f"{self.describe()}: directory {self.directory} does not exist")
 
-    def _segment_path(self, index: int) -> Path:
+    def _generation_dir(self, generation: str) -> Path:
+        return self.segments_dir / generation if generation else self.segments_dir
+
+    def _segment_path(self, index: int, generation: str | None = None) -> Path:
         if index < 0 or index > 99_999_999:
             raise ValueError(f"segment index {index} out of range")
-        return self.segments_dir / f"{index:08d}.lz4"
+        gen = self.generation if generation is None else generation
+        return self._generation_dir(gen) / f"{index:08d}.lz4"
 
     def segment_limits(self) -> SegmentLimits:
         return DIRECTORY_LIMITS
@@ -86,7 +102,7 @@ class DirectoryStore(Store):
         self._check_directory()
         try:
             with self._mkdir_lock:
-                self.segments_dir.mkdir(exist_ok=True)
+                path.parent.mkdir(parents=True, exist_ok=True)
             record = path.with_name(path.name + ".md5")
             try:
                 record.unlink()
@@ -101,17 +117,18 @@ class DirectoryStore(Store):
     def list_segments(self) -> dict[int, SegmentInfo]:
         self._check_directory()
         found: dict[int, SegmentInfo] = {}
+        where = self._generation_dir(self.generation)
         try:
-            names = os.listdir(self.segments_dir)
+            names = os.listdir(where)
         except FileNotFoundError:
             return found
         except OSError as exc:
-            raise StoreError(f"{self.describe()}: listing {self.segments_dir} failed: {exc}") from exc
+            raise StoreError(f"{self.describe()}: listing {where} failed: {exc}") from exc
         for entry in names:
             m = _SEGMENT_RE.match(entry)
             if not m:
                 continue
-            path = self.segments_dir / entry
+            path = where / entry
             try:
                 size = path.stat().st_size
                 etag, recorded = (path.with_name(entry + ".md5")).read_text().split()
@@ -123,7 +140,8 @@ class DirectoryStore(Store):
         return found
 
     def get_segment(self, index: int) -> bytes:
-        path = self._segment_path(index)
+        # the segments of the image last read (get_manifest), else of the upload
+        path = self._segment_path(index, self._read_generation)
         try:
             return path.read_bytes()
         except FileNotFoundError:
@@ -137,6 +155,7 @@ class DirectoryStore(Store):
         doc: dict[str, Any] = {
             "format": _MANIFEST_FORMAT,
             "version": _MANIFEST_VERSION,
+            "generation": self.generation,
             "metadata": check_metadata(metadata),
             "segments": [{"index": s.index, "size": s.size, "etag": s.etag} for s in segments],
         }
@@ -164,26 +183,72 @@ class DirectoryStore(Store):
                 raise ValueError("not a vhdcore manifest")
             segments = [SegmentInfo(int(s["index"]), int(s["size"]), str(s["etag"])) for s in doc["segments"]]
             metadata = {str(k): str(v) for k, v in doc.get("metadata", {}).items()}
+            generation = doc.get("generation", "")
+            if not isinstance(generation, str) or not _GENERATION_RE.match(generation):
+                raise ValueError(f"bad generation {generation!r}")
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreError(
                 f"{self.describe()}: {self.manifest_path} is not a vhdcore image manifest ({exc})"
             ) from exc
-        return Manifest(segments, metadata)
+        self._read_generation = generation
+        return Manifest(segments, metadata, generation)
+
+    def prune(self) -> int:
+        manifest = self.get_manifest()
+        keep_dir = self._generation_dir(manifest.generation)
+        keep: set[Path] = set()
+        for seg in manifest.segments:
+            path = self._segment_path(seg.index, manifest.generation)
+            keep.update((path, path.with_name(path.name + ".md5")))
+        removed = self._remove_tree(self.segments_dir, keep, keep_dir)
+        # temporary files of manifest writes that a crash left behind
+        prefix = f".{self.manifest_path.name}."
+        for entry in os.listdir(self.directory):
+            if entry.startswith(prefix) and entry.endswith(".tmp"):
+                removed += self._unlink(self.directory / entry)
+        if removed and self.fsync:
+            _io.fsync_dir(str(self.segments_dir))
+        return removed
+
+    def _unlink(self, path: Path) -> int:
+        try:
+            _io.unlink(str(path))
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise StoreError(f"{self.describe()}: removing {path} failed: {exc}") from exc
+        return 1
+
+    def _remove_tree(self, where: Path, keep: set[Path], keep_dir: Path | None) -> int:
+        """Remove what is under ``where`` except ``keep`` (and ``keep_dir``
+        itself); directories left empty go too.  Returns the files removed."""
+        try:
+            entries = os.listdir(where)
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise StoreError(f"{self.describe()}: listing {where} failed: {exc}") from exc
+        removed = 0
+        for entry in entries:
+            path = where / entry
+            if path.is_dir() and not path.is_symlink():
+                removed += self._remove_tree(path, keep, keep_dir)
+                if path != keep_dir:
+                    try:
+                        path.rmdir()
+                    except OSError:
+                        pass
+            elif path not in keep:
+                removed += self._unlink(path)
+        return removed
 
     def delete(self) -> None:
         try:
             self.manifest_path.unlink()
         except FileNotFoundError:
             pass
-        try:
-            entries = os.listdir(self.segments_dir)
-        except FileNotFoundError:
-            return
-        for entry in entries:
-            try:
-                os.unlink(self.segments_dir / entry)
-            except FileNotFoundError:
-                pass
+        self._read_generation = None
+        self._remove_tree(self.segments_dir, set(), None)
         try:
             self.segments_dir.rmdir()
         except OSError:

@@ -7,11 +7,11 @@ import concurrent.futures
 import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import _io
 from ..errors import IntegrityError, StoreError
 from .base import META_CODEC, Manifest, SegmentInfo, Store, is_vhdcore_metadata
 
@@ -84,7 +84,8 @@ def restore(
     manifest and decompressed; the SHA-256 of the whole uncompressed stream is
     checked against the image metadata.  The output is written to a temporary
     file beside ``out`` and renamed only when everything matched; on any error
-    it is removed.  ``format="raw"`` converts the VHD to a raw disk image
+    it is removed.  Every write, fsync and rename goes through
+    :mod:`vhdcore._io`; the file gets mode 0666 less the umask.  ``format="raw"`` converts the VHD to a raw disk image
     (:func:`vhdcore.disk.vhd_to_raw`).  ``options`` go to
     :func:`~vhdcore.store.open_store`.  Returns the manifest.
 
@@ -107,36 +108,38 @@ def restore(
         manifest = store.get_manifest()
         check_image_manifest(store, manifest)
         total = manifest.stream_size or 0
-        fd, tmp_vhd = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".partial")
+        out_dir = os.path.dirname(os.path.abspath(out_path))
+        fd, tmp_vhd = _io.create_temp(out_dir, f".{out_path.name}.", ".partial")
         sha = hashlib.sha256()
         written = 0
-        with (
-            os.fdopen(fd, "wb") as f,
-            concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="vhdcore-restore") as pool,
-        ):
-            window: collections.deque[concurrent.futures.Future[list[bytes]]] = collections.deque()
-            segments = iter(manifest.segments)
-            try:
-                for seg in segments:
-                    window.append(pool.submit(_fetch, store, seg))
-                    if len(window) >= 2 * concurrency:
-                        break
-                while window:
-                    parts = window.popleft().result()
-                    nxt = next(segments, None)
-                    if nxt is not None:
-                        window.append(pool.submit(_fetch, store, nxt))
-                    for raw in parts:
-                        sha.update(raw)
-                        f.write(raw)
-                        written += len(raw)
-                    if progress is not None:
-                        progress(written, total)
-            finally:
-                for fut in window:
-                    fut.cancel()
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with concurrent.futures.ThreadPoolExecutor(
+                concurrency, thread_name_prefix="vhdcore-restore"
+            ) as pool:
+                window: collections.deque[concurrent.futures.Future[list[bytes]]] = collections.deque()
+                segments = iter(manifest.segments)
+                try:
+                    for seg in segments:
+                        window.append(pool.submit(_fetch, store, seg))
+                        if len(window) >= 2 * concurrency:
+                            break
+                    while window:
+                        parts = window.popleft().result()
+                        nxt = next(segments, None)
+                        if nxt is not None:
+                            window.append(pool.submit(_fetch, store, nxt))
+                        for raw in parts:
+                            sha.update(raw)
+                            _io.pwrite_all(fd, raw, written)
+                            written += len(raw)
+                        if progress is not None:
+                            progress(written, total)
+                finally:
+                    for fut in window:
+                        fut.cancel()
+            _io.fsync(fd)
+        finally:
+            os.close(fd)
         if written != manifest.stream_size:
             raise IntegrityError(
                 f"{store.describe()}: the stream has {written} bytes, the metadata says {manifest.stream_size}"
@@ -147,20 +150,20 @@ def restore(
                 f"{store.describe()}: SHA-256 of the restored stream is {digest}, the metadata says {manifest.sha256}"
             )
         if format == "vhd":
-            os.replace(tmp_vhd, out_path)
+            _io.replace(tmp_vhd, os.fspath(out_path))
             tmp_vhd = None
+            _io.fsync_dir(out_dir)
         else:
             try:
                 from ..disk import vhd_to_raw
             except ImportError as exc:
                 raise StoreError("raw restore needs vhdcore.disk.vhd_to_raw, which this build lacks") from exc
-            fd, tmp_raw = tempfile.mkstemp(
-                dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".raw-partial"
-            )
+            fd, tmp_raw = _io.create_temp(out_dir, f".{out_path.name}.", ".raw-partial")
             os.close(fd)
             vhd_to_raw(tmp_vhd, tmp_raw)
-            os.replace(tmp_raw, out_path)
+            _io.replace(tmp_raw, os.fspath(out_path))
             tmp_raw = None
+            _io.fsync_dir(out_dir)
         return manifest
     finally:
         _remove(tmp_vhd)

@@ -8,8 +8,14 @@ S3 fixes an object's user metadata when the multipart upload *starts*, but the
 image's SHA-256 is only known at the end, so the record holds it; the object
 carries ``vhdcore-version`` and ``codec`` as user metadata.
 
-Resume: an unfinished multipart upload of the same key is found with
-``ListMultipartUploads`` and its parts with ``ListParts``.
+Generations (see :mod:`vhdcore.store.base`): the primary generation's
+object is ``key`` itself; a re-image over an image stored there uploads to
+``<key>.vhdcore-g<hex>`` instead, the record names the generation, and
+writing the record is the switch.  Completing the new multipart upload
+therefore never replaces the object the current record points at.
+
+Resume: an unfinished multipart upload of the generation's object is found
+with ``ListMultipartUploads`` and its parts with ``ListParts``.
 
 Endpoint from the ``endpoint_url`` option or ``AWS_ENDPOINT_URL``; credentials
 as boto3 finds them (``AWS_ACCESS_KEY_ID``...), or options
@@ -20,6 +26,7 @@ only where required (S3-compatible servers reject the newer CRC trailers).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import threading
@@ -40,6 +47,7 @@ from .base import (
     check_metadata,
     decode_meta_value,
     encode_meta_value,
+    _GENERATION_RE,
     md5_base64,
 )
 from .retry import RetryPolicy, is_transient_status
@@ -50,6 +58,7 @@ __all__ = ["S3Store", "AWS_S3_LIMITS"]
 AWS_S3_LIMITS = SegmentLimits(5 * MiB, 5 * GiB, 10_000)
 _RECORD_SUFFIX = ".vhdcore.json"
 _RECORD_FORMAT = "vhdcore-s3-manifest"
+_GENERATION_INFIX = ".vhdcore-"
 _CONTENT_TYPE = "application/x-lz4"
 _AUTH_CODES = {
     "InvalidAccessKeyId",
@@ -68,6 +77,13 @@ _TRANSIENT_CODES = {
     "ServiceUnavailable",
     "RequestTimeTooSkewed",
 }
+
+
+def multipart_etag(part_etags: list[str]) -> str:
+    """The ETag S3 gives an object completed from parts with these MD5s (hex),
+    in order: the MD5 of their binary digests, then ``-`` and their count."""
+    joined = b"".join(bytes.fromhex(e) for e in part_etags)
+    return f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(part_etags)}"
 
 
 class S3Store(Store):
@@ -132,6 +148,18 @@ class S3Store(Store):
         self._bucket_checked = False
         self._limits: SegmentLimits | None = None
         self._offsets: dict[int, tuple[int, int]] | None = None
+        self._read_key = key
+
+    # -- generations ------------------------------------------------------------
+    def data_key(self, generation: str | None = None) -> str:
+        """The object holding the stream of ``generation`` (default: the upload's)."""
+        gen = self.generation if generation is None else generation
+        return f"{self.key}{_GENERATION_INFIX}{gen}" if gen else self.key
+
+    def set_generation(self, generation: str) -> None:
+        super().set_generation(generation)
+        with self._lock:
+            self._upload_id = None
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.key}"
@@ -218,12 +246,13 @@ class S3Store(Store):
     def _find_upload(self) -> str | None:
         """The newest unfinished multipart upload of this key, if any."""
         uploads: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.key}
+        key = self.data_key()
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": key}
         while True:
             resp = self._call(
                 "listing multipart uploads", lambda: self._client.list_multipart_uploads(**kwargs)
             )
-            uploads += [u for u in resp.get("Uploads", []) if u.get("Key") == self.key]
+            uploads += [u for u in resp.get("Uploads", []) if u.get("Key") == key]
             if not resp.get("IsTruncated"):
                 break
             kwargs.update(KeyMarker=resp.get("NextKeyMarker"), UploadIdMarker=resp.get("NextUploadIdMarker"))
@@ -242,7 +271,7 @@ class S3Store(Store):
                         "starting the multipart upload",
                         lambda: self._client.create_multipart_upload(
                             Bucket=self.bucket,
-                            Key=self.key,
+                            Key=self.data_key(),
                             ContentType=_CONTENT_TYPE,
                             Metadata={"vhdcore-version": __version__, "codec": "lz4-frames"},
                         ),
@@ -263,7 +292,7 @@ class S3Store(Store):
             f"uploading segment {index} ({len(body)} bytes)",
             lambda: self._client.upload_part(
                 Bucket=self.bucket,
-                Key=self.key,
+                Key=self.data_key(),
                 UploadId=upload_id,
                 PartNumber=index + 1,
                 Body=body,
@@ -288,7 +317,7 @@ class S3Store(Store):
         found: dict[int, SegmentInfo] = {}
         if upload_id is None:
             return found
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key, "UploadId": upload_id}
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.data_key(), "UploadId": upload_id}
         while True:
             resp = self._call("listing uploaded parts", lambda: self._client.list_parts(**kwargs))
             for part in resp.get("Parts", []):
@@ -312,7 +341,7 @@ class S3Store(Store):
 
         def get() -> bytes:
             resp = self._client.get_object(
-                Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-{start + size - 1}"
+                Bucket=self.bucket, Key=self._read_key, Range=f"bytes={start}-{start + size - 1}"
             )
             data: bytes = resp["Body"].read()
             return data
@@ -323,30 +352,43 @@ class S3Store(Store):
     def put_manifest(self, segments: list[SegmentInfo], metadata: Mapping[str, str]) -> None:
         meta = check_metadata(metadata)
         upload_id = self._ensure_upload()
+        key = self.data_key()
         parts = [{"PartNumber": s.index + 1, "ETag": f'"{s.etag}"'} for s in segments]
         try:
             self._call(
                 f"completing the multipart upload ({len(parts)} parts)",
                 lambda: self._client.complete_multipart_upload(
                     Bucket=self.bucket,
-                    Key=self.key,
+                    Key=key,
                     UploadId=upload_id,
                     MultipartUpload={"Parts": parts},
                 ),
                 upload=True,
             )
         except StoreNotFoundError:
-            # a retried completion whose first try went through answers NoSuchUpload
+            # a retried completion whose first try went through answers
+            # NoSuchUpload: accept the object only if it is made of exactly
+            # these parts (size, and the multipart ETag that S3 computes from
+            # the parts' MD5s in order)
             head = self._call(
-                "checking the object", lambda: self._client.head_object(Bucket=self.bucket, Key=self.key)
+                "checking the object", lambda: self._client.head_object(Bucket=self.bucket, Key=key)
             )
-            if not str(head.get("ETag", "")).strip('"').endswith(f"-{len(parts)}"):
-                raise
+            size = int(head.get("ContentLength", -1))
+            etag = str(head.get("ETag", "")).strip('"')
+            want_size = sum(s.size for s in segments)
+            want_etag = multipart_etag([s.etag for s in segments])
+            if size != want_size or etag != want_etag:
+                raise UploadError(
+                    f"{self.describe()}: the multipart upload is gone (NoSuchUpload) and {key!r} is not "
+                    f"the object it would have made ({size} bytes, ETag {etag}; expected {want_size} "
+                    f"bytes, ETag {want_etag}); run the upload again"
+                ) from None
         with self._lock:
             self._upload_id = None
         record = {
             "format": _RECORD_FORMAT,
             "version": 1,
+            "generation": self.generation,
             "metadata": {k: encode_meta_value(v) for k, v in meta.items()},
             "segments": [[s.index, s.size, s.etag] for s in segments],
         }
@@ -385,13 +427,22 @@ class S3Store(Store):
                 raise ValueError("unknown format")
             segments = [SegmentInfo(int(i), int(n), str(e)) for i, n, e in record["segments"]]
             metadata = {str(k): decode_meta_value(str(v)) for k, v in record["metadata"].items()}
+            generation = record.get("generation", "")
+            if not isinstance(generation, str) or not _GENERATION_RE.match(generation):
+                raise ValueError(f"bad generation {generation!r}")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StoreError(
                 f"{self.describe()}: damaged manifest record {self.record_key!r} ({exc})"
             ) from exc
-        head = self._call(
-            "reading the object", lambda: self._client.head_object(Bucket=self.bucket, Key=self.key)
-        )
+        key = self.data_key(generation)
+        try:
+            head = self._call(
+                "reading the object", lambda: self._client.head_object(Bucket=self.bucket, Key=key)
+            )
+        except StoreNotFoundError:
+            raise StoreError(
+                f"{self.describe()}: the manifest record names {key!r}, which does not exist"
+            ) from None
         total = sum(s.size for s in segments)
         if int(head.get("ContentLength", -1)) != total:
             raise StoreError(
@@ -403,37 +454,75 @@ class S3Store(Store):
             offsets[s.index] = (pos, s.size)
             pos += s.size
         self._offsets = offsets
-        return Manifest(segments, metadata)
+        self._read_key = key
+        return Manifest(segments, metadata, generation)
+
+    def _family(self) -> tuple[list[str], list[tuple[str, str]]]:
+        """The objects and unfinished uploads (key, upload id) of every
+        generation of this image."""
+        prefix = self.key + _GENERATION_INFIX
+
+        def ours(k: str) -> bool:
+            return k == self.key or (k.startswith(prefix) and bool(_GENERATION_RE.match(k[len(prefix) :])))
+
+        keys: list[str] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.key}
+        while True:
+            resp = self._call("listing objects", lambda: self._client.list_objects_v2(**kwargs))
+            keys += [str(o["Key"]) for o in resp.get("Contents", []) if ours(str(o.get("Key", "")))]
+            if not resp.get("IsTruncated"):
+                break
+            kwargs["ContinuationToken"] = resp.get("NextContinuationToken")
+        uploads: list[tuple[str, str]] = []
+        kwargs = {"Bucket": self.bucket, "Prefix": self.key}
+        while True:
+            resp = self._call("listing multipart uploads", lambda: self._client.list_multipart_uploads(**kwargs))
+            uploads += [
+                (str(u["Key"]), str(u["UploadId"])) for u in resp.get("Uploads", []) if ours(str(u.get("Key", "")))
+            ]
+            if not resp.get("IsTruncated"):
+                break
+            kwargs.update(KeyMarker=resp.get("NextKeyMarker"), UploadIdMarker=resp.get("NextUploadIdMarker"))
+        return keys, uploads
+
+    def _remove(self, keys: list[str], uploads: list[tuple[str, str]]) -> int:
+        removed = 0
+        for key, upload_id in uploads:
+            try:
+                self._call(
+                    "aborting a multipart upload",
+                    functools.partial(
+                        self._client.abort_multipart_upload, Bucket=self.bucket, Key=key, UploadId=upload_id
+                    ),
+                )
+                removed += 1
+            except StoreNotFoundError:
+                pass
+        for key in keys:
+            try:
+                self._call(
+                    f"deleting {key!r}", functools.partial(self._client.delete_object, Bucket=self.bucket, Key=key)
+                )
+                removed += 1
+            except StoreNotFoundError:
+                pass
+        return removed
+
+    def prune(self) -> int:
+        keep = self.data_key(self.get_manifest().generation)
+        keys, uploads = self._family()
+        with self._lock:
+            self._upload_id = None
+        return self._remove([k for k in keys if k != keep], uploads)
 
     def delete(self) -> None:
         self._check_bucket()
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.key}
-        resp = self._call("listing multipart uploads", lambda: self._client.list_multipart_uploads(**kwargs))
-        for upload in resp.get("Uploads", []):
-            if upload.get("Key") == self.key:
-                try:
-                    self._call(
-                        "aborting a multipart upload",
-                        functools.partial(
-                            self._client.abort_multipart_upload,
-                            Bucket=self.bucket,
-                            Key=self.key,
-                            UploadId=upload["UploadId"],
-                        ),
-                    )
-                except StoreNotFoundError:
-                    pass
-        for key in (self.key, self.record_key):
-            try:
-                self._call(
-                    f"deleting {key!r}",
-                    functools.partial(self._client.delete_object, Bucket=self.bucket, Key=key),
-                )
-            except StoreNotFoundError:
-                pass
+        keys, uploads = self._family()
+        self._remove([self.record_key] + keys, uploads)
         with self._lock:
             self._upload_id = None
             self._offsets = None
+        self._read_key = self.key
 
     def close(self) -> None:
         try:

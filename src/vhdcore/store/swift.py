@@ -1,7 +1,9 @@
 """OpenStack Swift (and Rackspace Cloud Files) as a target: ``swift://container/name``.
 
 Segments go to the container ``<container>_segments`` as ``<name>/00000000``,
-``<name>/00000001``, ... each PUT with its MD5 as ``ETag`` so that Swift
+``<name>/00000001``, ... (the primary generation; a re-image over an image
+stored there writes ``<name>/g<hex>/00000000``... instead, see
+:mod:`vhdcore.store.base`), each PUT with its MD5 as ``ETag`` so that Swift
 verifies it.  The image itself is a Static Large Object manifest PUT with
 ``?multipart-manifest=put`` (Swift checks every segment's size and ETag
 again); the image metadata rides on it as ``X-Object-Meta-Vhdcore-*``
@@ -30,6 +32,7 @@ import functools
 import http.client
 import json
 import os
+import re
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -56,6 +59,8 @@ DEFAULT_SWIFT_LIMITS = SegmentLimits(1, 5 * GiB, 1000)
 _DEFAULT_MAX_MANIFEST_SIZE = 8 * 1024 * 1024
 _META_PREFIX = "x-object-meta-vhdcore-"
 _CONTENT_TYPE = "application/x-lz4"
+#: a segment object's name after ``<name>/``: ``00000000`` or ``g<hex>/00000000``
+_SEGMENT_REST_RE = re.compile(r"^(?:(g[0-9a-f]{12})/)?(\d{8})$")
 
 
 def _env(env: Mapping[str, str], *names: str) -> str | None:
@@ -346,10 +351,11 @@ class SwiftStore(Store):
             probe.close()
 
     # -- segments -------------------------------------------------------------
-    def _segment_object(self, index: int) -> str:
+    def _segment_object(self, index: int, generation: str | None = None) -> str:
         if index < 0 or index > 99_999_999:
             raise ValueError(f"segment index {index} out of range")
-        return f"{self.name}/{index:08d}"
+        gen = self.generation if generation is None else generation
+        return f"{self.name}/{gen}/{index:08d}" if gen else f"{self.name}/{index:08d}"
 
     def put_segment(self, index: int, data: Buffer, md5_hex: str) -> str:
         self._ensure_segment_container()
@@ -377,7 +383,7 @@ class SwiftStore(Store):
 
     def list_segments(self) -> dict[int, SegmentInfo]:
         self._check_container()
-        prefix = f"{self.name}/"
+        prefix = f"{self.name}/{self.generation}/" if self.generation else f"{self.name}/"
         try:
             _, listing = self._call(
                 f"listing segments in {self.segment_container!r}",
@@ -462,6 +468,7 @@ class SwiftStore(Store):
             entries = json.loads(body)
             segments = []
             paths = {}
+            generation = ""
             for pos, entry in enumerate(entries):
                 path = entry.get("name") or entry["path"]
                 container, _, obj = path.lstrip("/").partition("/")
@@ -469,10 +476,14 @@ class SwiftStore(Store):
                 size = entry["bytes"] if "bytes" in entry else entry["size_bytes"]
                 segments.append(SegmentInfo(pos, int(size), str(etag)))
                 paths[pos] = (container, obj)
+                m = _SEGMENT_REST_RE.match(obj[len(self.name) + 1 :]) if obj.startswith(
+                    f"{self.name}/") else None
+                if pos == 0 and m:
+                    generation = m.group(1) or ""
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StoreError(f"{self.describe()}: damaged SLO manifest ({exc})") from exc
         self._manifest_paths = paths
-        return Manifest(segments, metadata)
+        return Manifest(segments, metadata, generation)
 
     def delete(self) -> None:
         try:
@@ -484,19 +495,49 @@ class SwiftStore(Store):
             )
         except StoreNotFoundError:
             pass
+        prefix = f"{self.name}/"
         try:
-            leftovers = self.list_segments()
+            self._check_container()
+            _, listing = self._call(
+                f"listing segments in {self.segment_container!r}",
+                lambda: self._conn().get_container(self.segment_container, prefix=prefix, full_listing=True),
+            )
         except StoreNotFoundError:
             return
-        for index in sorted(leftovers):
-            obj = self._segment_object(index)
+        leftovers = sorted(
+            item.get("name", "") for item in listing if _SEGMENT_REST_RE.match(item.get("name", "")[len(prefix) :])
+        )
+        for obj in leftovers:
             try:
                 self._call(
-                    f"deleting segment {index}",
+                    f"deleting segment {obj!r}",
                     functools.partial(self._delete_segment_object, obj),
                 )
             except StoreNotFoundError:
                 pass
+
+    def prune(self) -> int:
+        self.get_manifest()
+        used = set(self._manifest_paths.values())
+        prefix = f"{self.name}/"
+        try:
+            _, listing = self._call(
+                f"listing segments in {self.segment_container!r}",
+                lambda: self._conn().get_container(self.segment_container, prefix=prefix, full_listing=True),
+            )
+        except StoreNotFoundError:
+            return 0
+        removed = 0
+        for item in listing:
+            obj = item.get("name", "")
+            if not _SEGMENT_REST_RE.match(obj[len(prefix) :]) or (self.segment_container, obj) in used:
+                continue
+            try:
+                self._call(f"deleting {obj!r}", functools.partial(self._delete_segment_object, obj))
+                removed += 1
+            except StoreNotFoundError:
+                pass
+        return removed
 
     def _delete_segment_object(self, obj: str) -> None:
         self._conn().delete_object(self.segment_container, obj)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from .base import (
 )
 
 __all__ = ["SegmentUploader", "UploadStats", "pack_segments", "upload_frames"]
+
+_log = logging.getLogger("vhdcore.store")
 
 #: ``progress(info, uploaded)``: called from upload threads after each segment;
 #: ``uploaded`` is False when the segment was already in the store (skipped)
@@ -74,6 +77,8 @@ class UploadStats:
     uploaded_bytes: int = 0
     skipped_segments: int = 0
     skipped_bytes: int = 0
+    #: objects of older generations and stopped uploads deleted after the manifest
+    pruned_objects: int = 0
 
 
 class SegmentUploader:
@@ -209,13 +214,22 @@ class SegmentUploader:
         return [self._done[i] for i in sorted(self._done)]
 
     def finish(self, metadata: Mapping[str, str]) -> Manifest:
-        """Wait for all segments, check they are 0..n-1, write the manifest and return it."""
+        """Wait for all segments, check they are 0..n-1, write the manifest and
+        return it; then delete what the image no longer uses (an older
+        generation, leftovers: :meth:`Store.prune`).  A failure of that
+        clean-up is logged, not raised: the image is complete, and the next
+        upload cleans up again."""
         meta = check_metadata(metadata)
         segments = self.wait()
         check_segment_sequence(segments, self.store.segment_limits(), self.store.describe())
         self.store.put_manifest(segments, meta)
         self.close()
-        return Manifest(segments, meta)
+        try:
+            self.stats.pruned_objects += self.store.prune()
+        except StoreError as exc:
+            _log.warning("%s: the image is complete, but removing what it no longer uses failed: %s",
+                         self.store.describe(), exc)
+        return Manifest(segments, meta, self.store.generation)
 
     def close(self) -> None:
         """Stop: cancel queued uploads and wait for running ones."""
@@ -246,6 +260,22 @@ def _complete_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     return check_metadata(meta)
 
 
+def _same_image(store: Store, meta: Mapping[str, str]) -> Manifest | None:
+    """The store's complete image if it has exactly this metadata (so the
+    same stream) and every segment its manifest names is stored, else None."""
+    try:
+        current = store.get_manifest()
+    except StoreError:
+        return None
+    if current.metadata != dict(meta) or not current.segments:
+        return None
+    store.set_generation(current.generation)
+    have = store.list_segments()
+    if any(have.get(s.index) != s for s in current.segments):
+        return None
+    return current
+
+
 def upload_frames(
     store: Store,
     frames: Iterable[Buffer],
@@ -268,6 +298,16 @@ def upload_frames(
     and skipped segments.  Returns the manifest written.
     """
     meta = _complete_metadata(metadata)
+    current = _same_image(store, meta)
+    if current is not None:
+        # this very image is there, complete: nothing to send
+        if stats is not None:
+            stats.skipped_segments += len(current.segments)
+            stats.skipped_bytes += current.compressed_size
+        return current
+    # over a complete image, write another generation (the same for the same
+    # stream and segment size, so that a re-run resumes)
+    store.set_generation(store.new_generation(seed=f"{meta[META_SHA256]}/{segment_size}"))
     with SegmentUploader(
         store,
         concurrency=concurrency,
