@@ -392,6 +392,7 @@ class Chain:
             raise
         os.close(fd)
         _io.replace(tmp, path)
+        _io.fsync_dir(os.path.dirname(os.path.abspath(path)))
         return self.virtual_size
 
     # ---------------------------------------------------------------- writes

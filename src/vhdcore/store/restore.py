@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import _io
 from ..errors import IntegrityError, StoreError
 from .base import META_CODEC, Manifest, SegmentInfo, Store, is_vhdcore_metadata
 
@@ -58,6 +59,19 @@ def _fetch(store: Store, seg: SegmentInfo) -> list[bytes]:
         return decompress_frame_list(data)
     except IntegrityError as exc:
         raise IntegrityError(f"{store.describe()}: segment {seg.index}: {exc}") from None
+
+
+class _Closing:
+    """An open file descriptor, closed on leaving the ``with``."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> "_Closing":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
 
 
 def _remove(path: str | None) -> None:
@@ -111,7 +125,7 @@ def restore(
         sha = hashlib.sha256()
         written = 0
         with (
-            os.fdopen(fd, "wb") as f,
+            _Closing(fd) as f,
             concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="vhdcore-restore") as pool,
         ):
             window: collections.deque[concurrent.futures.Future[list[bytes]]] = collections.deque()
@@ -128,15 +142,14 @@ def restore(
                         window.append(pool.submit(_fetch, store, nxt))
                     for raw in parts:
                         sha.update(raw)
-                        f.write(raw)
+                        _io.pwrite_all(f.fd, raw, written)
                         written += len(raw)
                     if progress is not None:
                         progress(written, total)
             finally:
                 for fut in window:
                     fut.cancel()
-            f.flush()
-            os.fsync(f.fileno())
+            _io.fsync(f.fd)
         if written != manifest.stream_size:
             raise IntegrityError(
                 f"{store.describe()}: the stream has {written} bytes, the metadata says {manifest.stream_size}"
@@ -147,8 +160,9 @@ def restore(
                 f"{store.describe()}: SHA-256 of the restored stream is {digest}, the metadata says {manifest.sha256}"
             )
         if format == "vhd":
-            os.replace(tmp_vhd, out_path)
+            _io.replace(tmp_vhd, str(out_path))
             tmp_vhd = None
+            _io.fsync_dir(str(out_path.parent))
         else:
             try:
                 from ..disk import vhd_to_raw
@@ -159,8 +173,9 @@ def restore(
             )
             os.close(fd)
             vhd_to_raw(tmp_vhd, tmp_raw)
-            os.replace(tmp_raw, out_path)
+            _io.replace(tmp_raw, str(out_path))
             tmp_raw = None
+            _io.fsync_dir(str(out_path.parent))
         return manifest
     finally:
         _remove(tmp_vhd)

@@ -1,0 +1,364 @@
+"""The commands that write, each with its promise, as scenarios for the
+power-cut simulator (tests/_crashsim.py).  Used by tests/test_powercut.py
+(bounded) and scripts/crashcheck.py (exhaustive, with figures).
+
+A scenario builds its inputs in ``root`` and returns ``(run, check)``:
+``run()`` is the command, recorded once; ``check(where)`` is called on
+every rebuilt crash state and raises AssertionError when the command's
+promise is broken."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from _builders import build_chain, read_all
+
+from vhdcore import cli
+from vhdcore.chain import Chain
+from vhdcore.check import check_chain, check_file
+from vhdcore.coalesce import checkpoint_path, coalesce, compact, flatten, repair
+from vhdcore.disk import VhdFile, create_differencing
+from vhdcore.errors import VhdError
+
+KiB = 1024
+Scenario = Callable[[Path], tuple[Callable[[], object], Callable[[str], None]]]
+
+
+def errors_of(problems):
+    return [p for p in problems if p.severity == "error"]
+
+
+def _quiet(argv: list[str]) -> int:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return cli.main(argv)
+
+
+# ------------------------------------------------------------------ coalesce
+def _coalesce_chain(root: Path, base: str, grow: bool, grandchildren: int) -> dict[str, bytes]:
+    size = 96 * KiB
+    mc = build_chain(root, size=size, depth=1, base=base, block_size=8 * KiB,
+                     writes_per_layer=4, max_len=8 * KiB, seed=31)
+    create_differencing(root / "c.vhd", mc.paths[0], size=size + (40 * KiB if grow else 0),
+                        block_size=8 * KiB if base == "fixed" else None).close()
+    with Chain.open(root / "c.vhd", writable=True) as c:
+        c.write(0, b"\x01" * 3000)
+        c.write(20 * KiB + 512, b"\x02" * 9000)
+        c.write(44 * KiB, os.urandom(12 * KiB))
+        c.write(60 * KiB, bytes(2048))
+        c.write(c.virtual_size - 4096, b"\x03" * 4096)
+    names = ["c.vhd"]
+    for i in range(grandchildren):
+        g = f"g{i + 1}.vhd"
+        create_differencing(root / g, root / "c.vhd").close()
+        with Chain.open(root / g, writable=True) as c:
+            c.write(30 * KiB if i == 0 else 0, g.encode() * 100)
+        names.append(g)
+    return {n: read_all(root / n) for n in names}
+
+
+def coalesce_scenario(base: str, grow: bool, relink: bool) -> Scenario:
+    def make(root: Path):
+        views = _coalesce_chain(root, base, grow, 2 if relink else 0)
+        grand = [root / n for n in views if n != "c.vhd"]
+
+        def run() -> None:
+            coalesce(root / "c.vhd", relink_children=grand, batch_blocks=3)
+
+        def check(where: str, done: bool) -> None:
+            # the child and every grandchild read exactly as before
+            for n, view in views.items():
+                assert read_all(root / n) == view, f"{n} reads differently"
+            assert errors_of(check_file(root / "d0.vhd")) == [], "parent fails check"
+            ck = checkpoint_path(root / "c.vhd")
+            if done:  # coalesce returned: all of it is durable
+                assert not os.path.exists(ck), "the checkpoint is back after a finished run"
+                assert read_all(root / "d0.vhd") == views["c.vhd"], "a finished run was lost"
+            if os.path.exists(ck) or read_all(root / "d0.vhd") != views["c.vhd"]:
+                coalesce(root / "c.vhd", relink_children=grand, batch_blocks=3)
+            # the run completed: the parent holds the child's old view
+            assert read_all(root / "d0.vhd") == views["c.vhd"], "parent != child's old view"
+            assert errors_of(check_file(root / "d0.vhd")) == []
+            assert not os.path.exists(ck)
+            for g in grand:
+                with Chain.open(g) as c:
+                    assert os.path.basename(c.layers[1].path) == "d0.vhd", f"{g.name} not relinked"
+                assert errors_of(check_chain(g)) == []
+            if grand:
+                os.unlink(root / "c.vhd")
+                for g in grand:
+                    assert read_all(g) == views[g.name], f"{g.name} after removing the child"
+        return run, check
+    return make
+
+
+# ------------------------------------------------------------------ write, repair
+def write_scenario(kind: str) -> Scenario:
+    """``vhdcore write`` into a differencing or dynamic disk: new blocks and
+    partly filled ones.  Every sector reads its old or its new content."""
+    def make(root: Path):
+        mc = build_chain(root, size=64 * KiB, depth=2 if kind == "differencing" else 1,
+                         block_size=8 * KiB, writes_per_layer=3, max_len=6 * KiB, seed=5)
+        target = mc.leaf
+        payload = os.urandom(20 * KiB + 1000)
+        (root / "payload.bin").write_bytes(payload)
+        off = 5 * KiB + 100
+        old = read_all(target)
+        new = bytearray(old)
+        new[off : off + len(payload)] = payload
+        new = bytes(new)
+
+        def run() -> None:
+            assert _quiet(["write", str(target), "--offset", str(off),
+                           "--from", str(root / "payload.bin")]) == 0
+
+        def check(where: str, done: bool) -> None:
+            assert errors_of(check_file(target)) == [], "fails check"
+            got = read_all(target)
+            if done:
+                assert got == new, "a finished write was lost"
+            for s in range(0, len(got), 512):
+                sec = got[s : s + 512]
+                assert sec in (old[s : s + 512], new[s : s + 512]), \
+                    f"sector {s // 512} reads neither its old nor its new content"
+        return run, check
+    return make
+
+
+def repair_scenario(kind: str) -> Scenario:
+    """``repair`` of a torn primary footer (``primary``) or of a stale copy at
+    offset 0 (``copy``): the disk reads the same, and it is the old file or
+    the repaired one (a rerun then finishes)."""
+    def make(root: Path):
+        mc = build_chain(root, size=64 * KiB, depth=1, block_size=8 * KiB,
+                         writes_per_layer=4, max_len=6 * KiB, seed=9)
+        p = mc.leaf
+        raw = bytearray(p.read_bytes())
+        if kind == "primary":
+            raw[-512 + 70] ^= 0xFF  # checksum area of the footer at EOF
+            raw += bytes(3 * 512)   # and junk after it
+        else:
+            raw[70] ^= 0xFF  # the copy at offset 0
+        p.write_bytes(bytes(raw))
+        view = read_all(p)
+        before = bytes(raw)
+
+        def run() -> None:
+            assert repair(p) is True
+
+        def check(where: str, done: bool) -> None:
+            data = p.read_bytes()
+            if done:
+                assert errors_of(check_file(p)) == [], "a finished repair was lost"
+            if data != before:
+                assert read_all(p) == view, "reads differently"
+            repair(p)
+            assert errors_of(check_file(p)) == [], "fails check after a rerun"
+            assert read_all(p) == view
+        return run, check
+    return make
+
+
+# ------------------------------------------------------------------ create, snapshot
+def create_scenario(kind: str) -> Scenario:
+    """``create`` (dynamic or fixed) and ``snapshot``: the new disk is absent
+    or complete."""
+    def make(root: Path):
+        parent = None
+        if kind == "snapshot":
+            mc = build_chain(root, size=64 * KiB, depth=1, block_size=8 * KiB,
+                             writes_per_layer=3, max_len=6 * KiB, seed=3)
+            parent = mc.leaf
+            pview = read_all(parent)
+        out = root / "new.vhd"
+
+        def run() -> None:
+            if kind == "snapshot":
+                argv = ["snapshot", str(out), "--parent", str(parent)]
+            else:
+                argv = ["create", str(out), "--size", "80K", "--type", kind]
+                if kind == "dynamic":
+                    argv += ["--block-size", "8K"]
+            assert _quiet(argv) == 0
+
+        def check(where: str, done: bool) -> None:
+            if not out.exists():
+                assert not done, "the new disk vanished after the command returned"
+                return
+            assert errors_of(check_file(out)) == [], "an incomplete disk at the path"
+            if kind == "snapshot":
+                assert read_all(out) == pview
+            else:
+                assert read_all(out) == bytes(80 * KiB)
+        return run, check
+    return make
+
+
+# ------------------------------------------------------------------ flatten, compact
+def output_scenario(kind: str) -> Scenario:
+    """``flatten`` (vhd, fixed, raw), ``cat -o`` and ``compact``: the output
+    path holds nothing or the complete, right file."""
+    def make(root: Path):
+        mc = build_chain(root, size=80 * KiB + 1536, depth=3, block_size=8 * KiB,
+                         writes_per_layer=5, max_len=9 * KiB, seed=12)
+        leaf = mc.leaf
+        out = root / "out.img"
+        if kind == "compact":
+            expect = read_all(leaf)
+        else:
+            expect = read_all(leaf)
+
+        def run() -> None:
+            if kind.startswith("flatten-"):
+                flatten(leaf, out, kind.split("-")[1])
+            elif kind == "cat":
+                assert _quiet(["cat", str(leaf), "-o", str(out)]) == 0
+            else:
+                compact(leaf, out)
+
+        def check(where: str, done: bool) -> None:
+            if not out.exists():
+                assert not done, "the output vanished after the command returned"
+                return
+            if kind in ("flatten-raw", "cat"):
+                assert out.read_bytes() == expect, "raw output incomplete"
+                return
+            assert errors_of(check_file(out)) == [], "output fails check"
+            if kind == "compact":
+                # a compacted differencing disk reads through the same parent
+                assert read_all(out) == expect, "output reads wrong"
+            else:
+                assert read_all(out) == expect, "output reads wrong"
+        return run, check
+    return make
+
+
+# ------------------------------------------------------------------ image, restore
+def _image_chain(root: Path, seed: int) -> Path:
+    mc = build_chain(root / "src", size=256 * KiB, depth=2, block_size=16 * KiB,
+                     writes_per_layer=6, max_len=24 * KiB, seed=seed)
+    return mc.leaf
+
+
+def image_scenario(previous: bool) -> Scenario:
+    """``image`` to a directory store: the previous image (if any) still
+    restores, the job state is never half-written, and ``--resume`` (or a
+    fresh run when no state survived) completes the new image."""
+    from vhdcore.imaging import _load_state, create_image, job_state_path
+    from vhdcore.store.restore import restore
+
+    def make(root: Path):
+        (root / "src").mkdir()
+        (root / "store").mkdir()
+        leaf = _image_chain(root, 21)
+        url = f"file://{root / 'store' / 'img'}"
+        old_view = None
+        if previous:
+            create_image(leaf, url, segment_size=64 * KiB, fs_aware=False)
+            old_view = read_all(leaf)
+            with Chain.open(leaf, writable=True) as c:
+                c.write(17 * KiB, os.urandom(40 * KiB))
+        new_view = read_all(leaf)
+        spath = job_state_path(url)
+
+        def run() -> None:
+            create_image(leaf, url, segment_size=64 * KiB, fs_aware=False)
+
+        def restored() -> bytes | None:
+            out = root / "check.vhd"
+            try:
+                restore(url, out)
+            except VhdError:
+                return None
+            try:
+                return read_all(out)
+            finally:
+                out.unlink()
+
+        def check(where: str, done: bool) -> None:
+            if os.path.exists(spath):
+                st = _load_state(spath)  # raises on a half-written state
+                assert st is not None
+            got = restored()
+            if done:
+                assert got == new_view, "a finished image was lost"
+            if got is not None:
+                assert got in (old_view, new_view), "the image restores to a third thing"
+            elif previous:
+                raise AssertionError("the previous image no longer restores")
+            if got != new_view:
+                create_image(leaf, url, segment_size=64 * KiB, fs_aware=False,
+                             resume=os.path.exists(spath))
+                assert restored() == new_view, "resume did not complete the new image"
+        return run, check
+    return make
+
+
+def restore_scenario(fmt: str) -> Scenario:
+    from vhdcore.imaging import create_image
+    from vhdcore.store.restore import restore
+
+    def make(root: Path):
+        (root / "src").mkdir()
+        (root / "store").mkdir()
+        leaf = _image_chain(root, 33)
+        url = f"file://{root / 'store' / 'img'}"
+        create_image(leaf, url, segment_size=64 * KiB, fs_aware=False)
+        view = read_all(leaf)
+        out = root / "out.vhd"
+
+        def run() -> None:
+            restore(url, out, fmt)
+
+        def check(where: str, done: bool) -> None:
+            if not out.exists():
+                assert not done, "the output vanished after the command returned"
+                return
+            if fmt == "raw":
+                assert out.read_bytes() == view, "raw output incomplete"
+            else:
+                assert errors_of(check_file(out)) == [], "output fails check"
+                assert read_all(out) == view
+        return run, check
+    return make
+
+
+#: name -> (scenario, crash points sampled in the suite)
+SCENARIOS: dict[str, tuple[Scenario, int]] = {
+    "coalesce": (coalesce_scenario("dynamic", False, False), 40),
+    "coalesce --relink (grow, BAT moves)": (coalesce_scenario("dynamic", True, True), 40),
+    "coalesce --relink (fixed parent grows)": (coalesce_scenario("fixed", True, True), 30),
+    "write (differencing)": (write_scenario("differencing"), 25),
+    "write (dynamic)": (write_scenario("dynamic"), 25),
+    "repair (primary footer)": (repair_scenario("primary"), 10),
+    "repair (stale copy)": (repair_scenario("copy"), 10),
+    "create --type dynamic": (create_scenario("dynamic"), 10),
+    "create --type fixed": (create_scenario("fixed"), 10),
+    "snapshot": (create_scenario("snapshot"), 10),
+    "flatten --format vhd": (output_scenario("flatten-vhd"), 12),
+    "flatten --format fixed": (output_scenario("flatten-fixed"), 12),
+    "flatten --format raw": (output_scenario("flatten-raw"), 12),
+    "cat -o": (output_scenario("cat"), 10),
+    "compact": (output_scenario("compact"), 12),
+    "restore": (restore_scenario("vhd"), 12),
+    "restore --format raw": (restore_scenario("raw"), 12),
+    "image (new)": (image_scenario(False), 25),
+    "image (over a previous image)": (image_scenario(True), 25),
+}
+
+
+def run_scenario(name: str, root: Path, *, points: int | None, subsets: int, seed: int = 0,
+                 stop_at_first: bool = True):
+    from _crashsim import explore
+
+    make, _ = SCENARIOS[name]
+    root.mkdir(parents=True, exist_ok=True)
+    run, check = make(root)
+    return explore(name, root, run, check, points=points, subsets=subsets, seed=seed,
+                   stop_at_first=stop_at_first)
+
+
+__all__ = ["SCENARIOS", "run_scenario", "json"]
