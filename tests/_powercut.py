@@ -60,13 +60,35 @@ def _coalesce_chain(root: Path, base: str, grow: bool, grandchildren: int) -> di
     return {n: read_all(root / n) for n in names}
 
 
-def coalesce_scenario(base: str, grow: bool, relink: bool) -> Scenario:
+def _larger_chain(root: Path) -> dict[str, bytes]:
+    """A larger chain: 3 MiB, 16 KiB blocks, a hundred scattered writes in
+    the child, two grandchildren."""
+    mc = build_chain(root, size=3 * 1024 * KiB, depth=4, block_size=16 * KiB,
+                     writes_per_layer=60, max_len=40 * KiB, seed=44)
+    names = {"d0.vhd": "d0.vhd", "d1.vhd": "c.vhd", "d2.vhd": "g1.vhd", "d3.vhd": "g2.vhd"}
+    for old, new in names.items():
+        if old != new:
+            os.rename(root / old, root / new)
+    # the locators name the old paths: point each disk at its renamed parent
+    from vhdcore.coalesce import relink
+    relink(root / "c.vhd", root / "d0.vhd")
+    relink(root / "g1.vhd", root / "c.vhd")
+    relink(root / "g2.vhd", root / "g1.vhd")
+    with Chain.open(root / "c.vhd", writable=True) as c:
+        c.write(1000 * KiB, os.urandom(300 * KiB))
+    return {n: read_all(root / n) for n in ("c.vhd", "g1.vhd", "g2.vhd")}
+
+
+def coalesce_scenario(base: str, grow: bool, relink: bool, larger: bool = False) -> Scenario:
     def make(root: Path):
-        views = _coalesce_chain(root, base, grow, 2 if relink else 0)
-        grand = [root / n for n in views if n != "c.vhd"]
+        views = (_larger_chain(root) if larger
+                 else _coalesce_chain(root, base, grow, 2 if relink else 0))
+        # the child's children (g2 is a grandchild's child in the larger chain)
+        grand = [root / n for n in views if n != "c.vhd" and not (larger and n == "g2.vhd")]
+        batch = 8 if larger else 3
 
         def run() -> None:
-            coalesce(root / "c.vhd", relink_children=grand, batch_blocks=3)
+            coalesce(root / "c.vhd", relink_children=grand, batch_blocks=batch)
 
         def check(where: str, done: bool) -> None:
             # the child and every grandchild read exactly as before
@@ -78,7 +100,7 @@ def coalesce_scenario(base: str, grow: bool, relink: bool) -> Scenario:
                 assert not os.path.exists(ck), "the checkpoint is back after a finished run"
                 assert read_all(root / "d0.vhd") == views["c.vhd"], "a finished run was lost"
             if os.path.exists(ck) or read_all(root / "d0.vhd") != views["c.vhd"]:
-                coalesce(root / "c.vhd", relink_children=grand, batch_blocks=3)
+                coalesce(root / "c.vhd", relink_children=grand, batch_blocks=batch)
             # the run completed: the parent holds the child's old view
             assert read_all(root / "d0.vhd") == views["c.vhd"], "parent != child's old view"
             assert errors_of(check_file(root / "d0.vhd")) == []
@@ -89,8 +111,39 @@ def coalesce_scenario(base: str, grow: bool, relink: bool) -> Scenario:
                 assert errors_of(check_chain(g)) == []
             if grand:
                 os.unlink(root / "c.vhd")
-                for g in grand:
-                    assert read_all(g) == views[g.name], f"{g.name} after removing the child"
+                for n, view in views.items():
+                    if n != "c.vhd":
+                        assert read_all(root / n) == view, f"{n} after removing the child"
+        return run, check
+    return make
+
+
+def relink_scenario() -> Scenario:
+    """``relink`` (the function behind ``coalesce --relink``; this branch has
+    no separate command): after the child was coalesced, its child is
+    re-pointed at the parent.  It points at one or the other, never at a
+    mixture, reads the same, and passes check; a re-run finishes."""
+    from vhdcore.coalesce import relink
+
+    def make(root: Path):
+        views = _coalesce_chain(root, "dynamic", True, 1)
+        coalesce(root / "c.vhd", siblings=(), relink_children=())
+        g = root / "g1.vhd"
+
+        def run() -> None:
+            relink(g, root / "d0.vhd")
+
+        def check(where: str, done: bool) -> None:
+            assert errors_of(check_chain(g)) == [], "fails check"
+            with Chain.open(g) as c:
+                parent = os.path.basename(c.layers[1].path)
+            assert parent in ("c.vhd", "d0.vhd")
+            if done:
+                assert parent == "d0.vhd", "a finished relink was lost"
+            assert read_all(g) == views["g1.vhd"], "reads differently"
+            relink(g, root / "d0.vhd")
+            os.unlink(root / "c.vhd")
+            assert read_all(g) == views["g1.vhd"], "reads differently after a re-run"
         return run, check
     return make
 
@@ -366,6 +419,8 @@ SCENARIOS: dict[str, tuple[Scenario, int | None]] = {
     "coalesce": (coalesce_scenario("dynamic", False, False), None),
     "coalesce --relink (grow, BAT moves)": (coalesce_scenario("dynamic", True, True), None),
     "coalesce --relink (fixed parent grows)": (coalesce_scenario("fixed", True, True), None),
+    "coalesce --relink (larger chain, sampled)": (coalesce_scenario("dynamic", False, True, True), 15),
+    "relink (function; no relink command here)": (relink_scenario(), None),
     "write (differencing)": (write_scenario("differencing"), None),
     "write (dynamic)": (write_scenario("dynamic"), None),
     "VhdFile.write_block + flush (API)": (write_block_scenario(), None),

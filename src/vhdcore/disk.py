@@ -3,17 +3,24 @@ create fixed, dynamic and differencing files and write into them in a
 crash-consistent order.
 
 Reading never modifies the file.  Writing (``VhdFile.open(path,
-writable=True)`` or the ``create_*`` functions) follows this order for every
-new block:
+writable=True)`` or the ``create_*`` functions) follows this order, so that
+a power cut (which may keep or lose each page written since the last fsync)
+leaves the old content or the new one:
 
-1. the footer is written at the new end of file first, so that a valid
-   primary footer exists at EOF at every moment;
-2. the block's data, then its sector bitmap;
-3. the BAT entry (after an fsync when ``durable`` is set);
-4. the footer copy at offset 0 when the footer changed.
+1. room for new blocks is reserved at once: the footer is written at the new
+   end of file and, when the room covers the footer last made durable, it
+   is fsynced before any block goes over the old footer (so a valid primary
+   footer exists at EOF at every moment);
+2. the blocks' data, then their sector bitmaps; new sectors of an existing
+   block before its bitmap bits, with an fsync in between;
+3. the BAT entries (after an fsync, unless the caller redoes the blocks
+   after a crash, as a coalesce does from its checkpoint);
+4. the footer copy at offset 0 when the footer changed (after the primary).
 
 A crash therefore leaves at worst an unreferenced region, never a BAT entry
-pointing at unwritten data and never a file without a footer at EOF.
+or bitmap bit claiming unwritten data, and never a file without a footer at
+EOF.  New files are written under a temporary name, fsynced, then linked or
+renamed into place and the directory fsynced: complete or absent.
 """
 from __future__ import annotations
 
