@@ -22,8 +22,9 @@ log is replayed and the files are rebuilt the way a power cut may leave them:
   (on its own; one whose source is missing then does nothing).
 
 The variants tried at a point are "all kept" (what a killed process leaves),
-"none kept" (only what was made durable), and ``subsets`` seeded random
-choices.  ``explore`` rebuilds ``root`` for each variant in place (paths and
+"none kept" (only what was made durable), "newest only" (only the last
+operation not yet durable reached the disk: what a missing barrier before it
+allows), and ``subsets`` seeded random choices.  ``explore`` rebuilds ``root`` for each variant in place (paths and
 unchanged files' modification times as they were, so job ids and
 fingerprints still match) and calls the scenario's check on it.
 """
@@ -51,13 +52,8 @@ class Inode:
     def __init__(self, data: bytes = b"") -> None:
         self.vol = bytearray(data)   # what the process sees
         self.dur = bytes(data)       # what survives any power cut
-        self.dirty: set[int] = set()  # pages changed since the last fsync
+        self.dirty: dict[int, int] = {}  # page changed since the last fsync -> operation
         self.touched = False         # written at all during the run
-
-    def copy(self) -> "Inode":
-        c = Inode.__new__(Inode)
-        c.vol, c.dur, c.dirty, c.touched = bytearray(self.vol), self.dur, set(self.dirty), self.touched
-        return c
 
 
 def _pages(a: int, b: int) -> range:
@@ -209,7 +205,13 @@ class State:
     inodes: dict[int, Inode]
     vol_ns: dict[str, int | str]
     dur_ns: dict[str, int | str]
-    pending: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)  # (dir, op)
+    pending: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)  # (dir, op + (k,))
+
+    def newest(self) -> int:
+        """The last operation whose effect is not durable yet."""
+        ks = [op[-1] for _, op in self.pending]
+        ks += [max(ino.dirty.values()) for ino in self.inodes.values() if ino.dirty]
+        return max(ks, default=0)
 
     def nothing_pending(self) -> bool:
         return not self.pending and not any(
@@ -251,7 +253,7 @@ def replay(rec: Recorder) -> Iterator[tuple[int, State]]:
             if len(ino.vol) < off + len(data):
                 ino.vol.extend(bytes(off + len(data) - len(ino.vol)))
             ino.vol[off : off + len(data)] = data
-            ino.dirty.update(_pages(off, off + len(data)))
+            ino.dirty.update(dict.fromkeys(_pages(off, off + len(data)), k))
             ino.touched = True
         elif kind == "trunc":
             ino = st.inodes[op[1]]
@@ -260,7 +262,7 @@ def replay(rec: Recorder) -> Iterator[tuple[int, State]]:
                 del ino.vol[new:]
             else:
                 ino.vol.extend(bytes(new - old))
-            ino.dirty.update(_pages(min(old, new), max(old, new)))
+            ino.dirty.update(dict.fromkeys(_pages(min(old, new), max(old, new)), k))
             ino.touched = True
         elif kind == "fsync":
             ino = st.inodes[op[1]]
@@ -281,20 +283,26 @@ def replay(rec: Recorder) -> Iterator[tuple[int, State]]:
                 st.inodes[op[2]].touched = True
             _ns_apply(st.vol_ns, op)
             target = op[2] if kind in ("rename", "link") else op[1]
-            st.pending.append((os.path.dirname(target), op))
+            st.pending.append((os.path.dirname(target), op + (k,)))
         yield k, st
 
 
 def crash_view(st: State, mode: str, rng: random.Random) -> dict[str, bytes | str]:
     """Path -> content (or DIR) after a power cut in state ``st``:
-    ``mode`` is "all" (every pending change kept), "none" or "random"."""
-    def coin() -> bool:
+    ``mode`` is "all" (every pending change kept), "none", "random", or
+    "newest" (only the last operation not yet durable reached the disk: the
+    typical result of a missing barrier before it)."""
+    newest = st.newest() if mode == "newest" else -1
+
+    def coin(k: int = -2) -> bool:
+        if mode == "newest":
+            return k == newest
         return mode == "all" or (mode == "random" and rng.random() < 0.5)
 
     ns = dict(st.dur_ns)
     for _, op in st.pending:
-        if coin():
-            _ns_apply(ns, op)
+        if coin(op[-1]):
+            _ns_apply(ns, op[:-1])
     out: dict[str, bytes | str] = {}
     contents: dict[int, bytes] = {}
     for path in sorted(ns):
@@ -316,11 +324,11 @@ def st_root() -> str:
     return _ROOT[0]
 
 
-def _file_after_crash(ino: Inode, coin: Callable[[], bool]) -> bytes:
+def _file_after_crash(ino: Inode, coin: Callable[..., bool]) -> bytes:
     vol, dur = ino.vol, ino.dur
     if not ino.dirty and len(vol) == len(dur):
         return dur
-    kept = {p for p in sorted(ino.dirty) if coin()}
+    kept = {p for p in sorted(ino.dirty) if coin(ino.dirty[p])}
     if len(vol) > len(dur):
         last = (len(vol) - 1) // PAGE
         length = len(vol) if (last in kept if last in ino.dirty else coin()) else len(dur)
@@ -419,7 +427,8 @@ def _explore(name: str, root: Path, run: Callable[[], object],
         if k not in chosen:
             continue
         stats.points += 1
-        modes = ["all"] if st.nothing_pending() else ["all", "none"] + ["random"] * subsets
+        modes = (["all"] if st.nothing_pending()
+                 else ["all", "none", "newest"] + ["random"] * subsets)
         for i, mode in enumerate(modes):
             view = crash_view(st, mode, rng)
             materialize(rec, view)

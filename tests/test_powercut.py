@@ -76,13 +76,13 @@ def test_model_of_one_file():
     by one, and the length follows the page holding the new last byte."""
     ino = Inode(b"a" * PAGE * 2)
     ino.vol[:] = b"b" * PAGE * 3  # rewrote both pages, appended a third
-    ino.dirty = {0, 1, 2}
-    assert _file_after_crash(ino, lambda: True) == b"b" * PAGE * 3
-    assert _file_after_crash(ino, lambda: False) == b"a" * PAGE * 2
+    ino.dirty = {0: 1, 1: 1, 2: 2}
+    assert _file_after_crash(ino, lambda k=0: True) == b"b" * PAGE * 3
+    assert _file_after_crash(ino, lambda k=0: False) == b"a" * PAGE * 2
     flips = iter([True, False, False])  # page 0 kept, 1 lost, 2 (the new end) lost
-    assert _file_after_crash(ino, lambda: next(flips)) == b"b" * PAGE + b"a" * PAGE
-    flips = iter([False, False, True])  # only the new last page kept: the file grows
-    assert _file_after_crash(ino, lambda: next(flips)) == b"a" * PAGE * 2 + b"b" * PAGE
+    assert _file_after_crash(ino, lambda k=0: next(flips)) == b"b" * PAGE + b"a" * PAGE
+    # only the newest write (operation 2, the new last page) kept: the file grows
+    assert _file_after_crash(ino, lambda k=0: k == 2) == b"a" * PAGE * 2 + b"b" * PAGE
 
 
 def test_recorder_sees_creates_renames_and_directory_fsyncs(tmp_path):
