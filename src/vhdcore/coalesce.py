@@ -930,28 +930,38 @@ def relink(grandchild: PathLike, new_parent: PathLike, *,
                               os.path.dirname(os.path.abspath(grandchild)))
         old = {loc.code: loc for loc in h.locators if loc.used}
         locs: list[ParentLocator] = []
-        wrote = False
-        for code in LOCATOR_CODES:
-            blob = encode_locator_path(code, rel)
+        blobs = [(code, encode_locator_path(code, rel)) for code in LOCATOR_CODES]
+        fresh = []
+        for code, blob in blobs:
             slot = old.get(code)
-            if (slot is not None and slot.data_length == len(blob)
+            if not (slot is not None and slot.data_length == len(blob)
                     and slot.data_offset + len(blob) <= g.file_size
                     and bytes(g.mv[slot.data_offset : slot.data_offset + len(blob)]) == blob):
+                fresh.append(code)
+        # the new locators and the new header in one reserve (one fsync of
+        # the new end, see VhdFile.reserve)
+        spaces = {code: max(SECTOR, -(-len(blob) // SECTOR) * SECTOR) for code, blob in blobs}
+        pos = g.reserve(sum(spaces[c] for c in fresh) + HEADER_SIZE) if fresh else None
+        wrote = False
+        for code, blob in blobs:
+            if code not in fresh:
+                slot = old[code]
                 locs.append(slot)  # already says this (a repeated relink)
                 continue
-            space = max(SECTOR, -(-len(blob) // SECTOR) * SECTOR)
-            off = g.reserve(space)
-            g._pwrite(blob.ljust(space, b"\0"), off)
+            assert pos is not None
+            space = spaces[code]
+            g._pwrite(blob.ljust(space, b"\0"), pos)
             wrote = True
             locs.append(ParentLocator(code=code, data_space=space, data_length=len(blob),
-                                      data_offset=off))
+                                      data_offset=pos))
+            pos += space
         while len(locs) < 8:
             locs.append(ParentLocator(code=b"\0\0\0\0", data_space=0, data_length=0,
                                       data_offset=0))
         new_header = h.with_(parent_uuid=puuid, parent_timestamp=vhd_timestamp_of_file(new_parent),
                              parent_name=os.path.basename(new_parent), locators=tuple(locs))
         if wrote or new_header.pack() != h.pack():
-            g.relocate_header(new_header)
+            g.relocate_header(new_header, offset=pos)
         else:
             g.sync_footer_copy()
 

@@ -639,14 +639,16 @@ class VhdFile:
         self.header = header
 
     def relocate_header(self, header: DynamicHeader, footer: Footer | None = None, *,
-                        durable: bool = True) -> None:
+                        durable: bool = True, offset: int | None = None) -> None:
         """Replace the dynamic header without ever overwriting it: the new one
-        goes to a fresh place at the end of the data, then one footer write
-        (at EOF, then the copy at offset 0) switches to it, together with
-        any other footer change (``footer``, e.g. a new size).  A crash at any
-        point leaves the old or the new header in force, never a torn one."""
+        goes to a fresh place at the end of the data (``offset``, reserved by
+        the caller together with other new space, or reserved here), then one
+        footer write (at EOF, then the copy at offset 0) switches to it,
+        together with any other footer change (``footer``, e.g. a new size).
+        A crash at any point leaves the old or the new header in force, never
+        a torn one."""
         self._require_writable()
-        off = self.reserve(HEADER_SIZE)
+        off = self.reserve(HEADER_SIZE) if offset is None else offset
         self._pwrite(header.pack(), off)
         if durable:
             self._sync()
