@@ -62,6 +62,33 @@ def _pages(a: int, b: int) -> range:
 
 
 # ------------------------------------------------------------------ recording
+def fd_path(fd: int) -> str | None:
+    """The path an open file descriptor was opened by (Linux: /proc; macOS:
+    F_GETPATH), None when unknown."""
+    try:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        import fcntl
+
+        if not hasattr(fcntl, "F_GETPATH"):
+            return None
+        try:
+            raw = fcntl.fcntl(fd, fcntl.F_GETPATH, bytes(1024))
+        except OSError:
+            return None
+        path = os.fsdecode(raw.split(b"\0", 1)[0])
+    return path[: -len(" (deleted)")] if path.endswith(" (deleted)") else path
+
+
+def supported() -> bool:
+    """Whether this platform can tell which file a descriptor is."""
+    fd = os.open(os.path.abspath(__file__), os.O_RDONLY)
+    try:
+        return fd_path(fd) is not None
+    finally:
+        os.close(fd)
+
+
 class Recorder:
     """Record what a command does under ``root`` (a context manager)."""
 
@@ -88,12 +115,9 @@ class Recorder:
 
     def _fd_id(self, fd: int) -> tuple[str, int | str] | None:
         st = os.fstat(fd)
-        try:
-            path = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
+        path = fd_path(fd)
+        if path is None:
             return None
-        if path.endswith(" (deleted)"):
-            path = path[: -len(" (deleted)")]
         inside = self._inside(path)
         if inside is None:
             return None

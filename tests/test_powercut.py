@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 
 import pytest
-from _crashsim import PAGE, Inode, _file_after_crash, explore
+from _crashsim import PAGE, Inode, _file_after_crash, explore, supported
 from _powercut import SCENARIOS, coalesce_scenario, output_scenario, run_scenario
 
 from vhdcore import _io
 from vhdcore.disk import VhdFile
+
+pytestmark = pytest.mark.skipif(not supported(), reason="cannot map a file descriptor to its path here")
 
 #: the image over a previous one rewrites the segments the old manifest
 #: names (the directory store has no image generations yet): the previous
