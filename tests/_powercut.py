@@ -25,6 +25,7 @@ from vhdcore.disk import VhdFile, create_differencing
 from vhdcore.errors import VhdError
 
 KiB = 1024
+SECTOR_BYTES = 512
 Scenario = Callable[[Path], tuple[Callable[[], object], Callable[[str], None]]]
 
 
@@ -38,10 +39,20 @@ def _quiet(argv: list[str]) -> int:
 
 
 # ------------------------------------------------------------------ coalesce
-def _coalesce_chain(root: Path, base: str, grow: bool, grandchildren: int) -> dict[str, bytes]:
+def _coalesce_chain(root: Path, base: str, grow: bool, grandchildren: int,
+                    bat_room: bool = False) -> dict[str, bytes]:
     size = 96 * KiB
     mc = build_chain(root, size=size, depth=1, base=base, block_size=8 * KiB,
                      writes_per_layer=4, max_len=8 * KiB, seed=31)
+    if bat_room:
+        # a parent whose BAT has room for more entries (as other tools make
+        # them), the spare ones zero: growing it must write them "unused"
+        # and make that durable before the footer says the disk is larger
+        with VhdFile.open(mc.paths[0], writable=True) as v:
+            h = v.header
+            assert h is not None
+            v._pwrite(bytes(SECTOR_BYTES - v.nblocks * 4), h.table_offset + v.nblocks * 4)
+            v.write_header(h.with_(max_table_entries=SECTOR_BYTES // 4))
     create_differencing(root / "c.vhd", mc.paths[0], size=size + (40 * KiB if grow else 0),
                         block_size=8 * KiB if base == "fixed" else None).close()
     with Chain.open(root / "c.vhd", writable=True) as c:
@@ -79,13 +90,43 @@ def _larger_chain(root: Path) -> dict[str, bytes]:
     return {n: read_all(root / n) for n in ("c.vhd", "g1.vhd", "g2.vhd")}
 
 
-def coalesce_scenario(base: str, grow: bool, relink: bool, larger: bool = False) -> Scenario:
+def _crash_in_fixed_growth(root: Path, grand: list[Path]) -> None:
+    """Stop a coalesce (as a killed process would) just after a fixed
+    parent's footer was rewritten with the new size: the resumed run then
+    zeroes the old footer's place itself."""
+    import shutil
+    import tempfile
+
+    from vhdcore import _io
+
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "p"
+        shutil.copytree(root, probe)
+        with _io.inject(_io.FaultPlan(at=0)) as plan:
+            coalesce(probe / "c.vhd", relink_children=[probe / g.name for g in grand],
+                     batch_blocks=3)
+    first = plan.ops.index("replace")  # the checkpoint announcing the growth
+    writes = [i for i, op in enumerate(plan.ops) if i > first and op == "pwrite"]
+    stop = writes[2] + 2  # the fsync after the third write (the new footer), 1-based
+    try:
+        with _io.inject(_io.FaultPlan(at=stop, kind="stop")):
+            coalesce(root / "c.vhd", relink_children=grand, batch_blocks=3)
+    except _io.SimulatedCrash:
+        pass
+    else:
+        raise AssertionError("the coalesce was not stopped")
+
+
+def coalesce_scenario(base: str, grow: bool, relink: bool, larger: bool = False,
+                      bat_room: bool = False, resume_growth: bool = False) -> Scenario:
     def make(root: Path):
         views = (_larger_chain(root) if larger
-                 else _coalesce_chain(root, base, grow, 2 if relink else 0))
+                 else _coalesce_chain(root, base, grow, 2 if relink else 0, bat_room))
         # the child's children (g2 is a grandchild's child in the larger chain)
         grand = [root / n for n in views if n != "c.vhd" and not (larger and n == "g2.vhd")]
         batch = 8 if larger else 3
+        if resume_growth:
+            _crash_in_fixed_growth(root, grand)
 
         def run() -> None:
             coalesce(root / "c.vhd", relink_children=grand, batch_blocks=batch)
@@ -153,9 +194,19 @@ def write_scenario(kind: str) -> Scenario:
     """``vhdcore write`` into a differencing or dynamic disk: new blocks and
     partly filled ones.  Every sector reads its old or its new content."""
     def make(root: Path):
-        mc = build_chain(root, size=64 * KiB, depth=2 if kind == "differencing" else 1,
-                         block_size=8 * KiB, writes_per_layer=3, max_len=6 * KiB, seed=5)
+        mc = build_chain(root, size=64 * KiB, depth=1, block_size=8 * KiB,
+                         writes_per_layer=3, max_len=6 * KiB, seed=5)
         target = mc.leaf
+        if kind == "differencing":
+            # a parent with data everywhere: a sector the child claims
+            # without its data reads differently from the parent's
+            with Chain.open(target, writable=True) as c:
+                c.write(0, os.urandom(64 * KiB))
+            target = root / "child.vhd"
+            create_differencing(target, mc.leaf).close()
+            with Chain.open(target, writable=True) as c:
+                c.write(3 * KiB, os.urandom(3 * KiB))
+                c.write(40 * KiB + 512, os.urandom(1024))
         payload = os.urandom(20 * KiB + 1000)
         (root / "payload.bin").write_bytes(payload)
         off = 5 * KiB + 100
@@ -189,8 +240,17 @@ def repair_scenario(kind: str) -> Scenario:
         mc = build_chain(root, size=64 * KiB, depth=1, block_size=8 * KiB,
                          writes_per_layer=4, max_len=6 * KiB, seed=9)
         p = mc.leaf
+        if kind == "gap":
+            # reserved room nobody used (a stopped writer), an older footer
+            # left where the data ends, then a footer update: repair must
+            # not let the older footer come back
+            with VhdFile.open(p, writable=True) as v:
+                old = v.footer
+                v.reserve(8 * KiB)
+                v.write_footer(old.with_(timestamp=old.timestamp + 100))
         raw = bytearray(p.read_bytes())
-        if kind == "primary":
+        good = bytes(raw[:512])
+        if kind in ("primary", "gap"):
             raw[-512 + 70] ^= 0xFF  # checksum area of the footer at EOF
             raw += bytes(3 * 512)   # and junk after it
         else:
@@ -204,6 +264,9 @@ def repair_scenario(kind: str) -> Scenario:
 
         def check(where: str, done: bool) -> None:
             data = p.read_bytes()
+            with VhdFile.open(p) as v:
+                assert v.footer.pack() == good or not v.primary_footer_ok, \
+                    "a footer other than the copy at offset 0 is in force"
             if done:
                 assert errors_of(check_file(p)) == [], "a finished repair was lost"
             if data != before:
@@ -419,6 +482,9 @@ SCENARIOS: dict[str, tuple[Scenario, int | None]] = {
     "coalesce": (coalesce_scenario("dynamic", False, False), None),
     "coalesce --relink (grow, BAT moves)": (coalesce_scenario("dynamic", True, True), None),
     "coalesce --relink (fixed parent grows)": (coalesce_scenario("fixed", True, True), None),
+    "coalesce (grow, BAT has room)": (coalesce_scenario("dynamic", True, False, bat_room=True), None),
+    "coalesce --relink (resumed in fixed growth)": (
+        coalesce_scenario("fixed", True, True, resume_growth=True), None),
     "coalesce --relink (larger chain, sampled)": (coalesce_scenario("dynamic", False, True, True), 15),
     "relink (function; no relink command here)": (relink_scenario(), None),
     "write (differencing)": (write_scenario("differencing"), None),
@@ -426,6 +492,7 @@ SCENARIOS: dict[str, tuple[Scenario, int | None]] = {
     "VhdFile.write_block + flush (API)": (write_block_scenario(), None),
     "repair (primary footer)": (repair_scenario("primary"), None),
     "repair (stale copy)": (repair_scenario("copy"), None),
+    "repair (older footer where the data ends)": (repair_scenario("gap"), None),
     "create --type dynamic": (create_scenario("dynamic"), None),
     "create --type fixed": (create_scenario("fixed"), None),
     "snapshot": (create_scenario("snapshot"), None),

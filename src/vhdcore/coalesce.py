@@ -692,9 +692,10 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict[str, Any] | None, cpat
         if pvhd.virtual_size < new_size:
             _grow_parent(pvhd, new_size)
         elif pvhd.is_fixed:
-            # the new footer was written; make sure the old one's place reads zero
+            # the new footer was written, so the zeros over the old one's
+            # place were durable before it (see _grow_parent); writing them
+            # again costs nothing and needs no fsync of its own
             pvhd._pwrite(bytes(FOOTER_SIZE), grow_from)
-            pvhd._sync()
         else:
             # the footer grew; its copy at offset 0 may not have
             pvhd.sync_footer_copy()
