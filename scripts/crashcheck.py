@@ -32,6 +32,8 @@ def main() -> int:
     ap.add_argument("--subsets", type=int, default=8,
                     help="random dropped-page subsets per crash point, besides all kept and none kept")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--unit", type=int, default=4096,
+                    help="bytes kept or lost together: 4096 (a page, default) or 512 (a sector)")
     ap.add_argument("--only", action="append", help="run only commands whose name contains this")
     ap.add_argument("--json", action="store_true", help="one JSON line per command")
     ap.add_argument("--all-violations", action="store_true",
@@ -45,7 +47,7 @@ def main() -> int:
             continue
         with tempfile.TemporaryDirectory(prefix="crashcheck-") as d:
             st = run_scenario(name, Path(d) / "w", points=ns.points, subsets=ns.subsets,
-                              seed=ns.seed, stop_at_first=not ns.all_violations)
+                              seed=ns.seed, stop_at_first=not ns.all_violations, unit=ns.unit)
         total_points += st.points
         total_variants += st.variants
         bad += len(st.violations)

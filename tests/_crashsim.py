@@ -43,6 +43,9 @@ from typing import Any
 from vhdcore import _io
 
 PAGE = 4096
+#: the unit kept or lost on its own: a 4 KiB page, or (``explore(unit=512)``)
+#: a 512-byte sector, the smallest write storage keeps whole
+UNIT = [PAGE]
 DIR = "<dir>"
 
 
@@ -58,7 +61,8 @@ class Inode:
 
 def _pages(a: int, b: int) -> range:
     """Pages covering bytes [a, b)."""
-    return range(a // PAGE, -(-b // PAGE)) if b > a else range(0)
+    u = UNIT[0]
+    return range(a // u, -(-b // u)) if b > a else range(0)
 
 
 # ------------------------------------------------------------------ recording
@@ -354,7 +358,7 @@ def _file_after_crash(ino: Inode, coin: Callable[..., bool]) -> bytes:
         return dur
     kept = {p for p in sorted(ino.dirty) if coin(ino.dirty[p])}
     if len(vol) > len(dur):
-        last = (len(vol) - 1) // PAGE
+        last = (len(vol) - 1) // UNIT[0]
         length = len(vol) if (last in kept if last in ino.dirty else coin()) else len(dur)
     elif len(vol) < len(dur):
         length = len(vol) if coin() else len(dur)
@@ -362,7 +366,7 @@ def _file_after_crash(ino: Inode, coin: Callable[..., bool]) -> bytes:
         length = len(vol)
     buf = bytearray(dur[:length].ljust(length, b"\0"))
     for p in kept:
-        a, b = p * PAGE, min((p + 1) * PAGE, len(vol), length)
+        a, b = p * UNIT[0], min((p + 1) * UNIT[0], len(vol), length)
         if b > a:
             buf[a:b] = vol[a:b]
     return bytes(buf)
@@ -421,15 +425,21 @@ class Stats:
 def explore(name: str, root: Path, run: Callable[[], object],
             check: Callable[[str, bool], None], *, points: Iterable[int] | int | None = None,
             subsets: int = 2, seed: int = 0, stop_at_first: bool = True,
-            setup: Callable[[], None] | None = None) -> Stats:
+            unit: int = PAGE) -> Stats:
     """Record ``run()`` in ``root``, then for crash points (all when ``points``
     is None, an int samples that many evenly, or an explicit list) rebuild
     ``root`` as each variant of a power cut leaves it and call
-    ``check(where, done)``, which raises AssertionError on a broken promise.
+    ``check(where, done)``, which raises (AssertionError, or any error of
+    vhdcore on a file it cannot read) on a broken promise.
     ``done`` is True after the last operation: the command has returned, so
-    its result must have been made durable (even with nothing else kept)."""
-    with no_real_fsync():
-        return _explore(name, root, run, check, points, subsets, seed, stop_at_first)
+    its result must have been made durable (even with nothing else kept).
+    ``unit=512`` keeps or loses each sector on its own instead of each page."""
+    UNIT[0] = unit
+    try:
+        with no_real_fsync():
+            return _explore(name, root, run, check, points, subsets, seed, stop_at_first)
+    finally:
+        UNIT[0] = PAGE
 
 
 def _explore(name: str, root: Path, run: Callable[[], object],
@@ -460,8 +470,9 @@ def _explore(name: str, root: Path, run: Callable[[], object],
             where = f"{name}: power cut after operation {k}/{n} {_describe(rec.ops[k - 1])}, {mode}#{i}"
             try:
                 check(where, k == n)
-            except AssertionError as exc:
-                stats.violations.append(f"{where}: {exc}")
+            except Exception as exc:  # a broken promise, or a file vhdcore cannot open
+                what = str(exc) if isinstance(exc, AssertionError) else f"{type(exc).__name__}: {exc}"
+                stats.violations.append(f"{where}: {what}")
                 if stop_at_first:
                     return stats
     return stats

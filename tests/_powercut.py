@@ -140,6 +140,8 @@ def coalesce_scenario(base: str, grow: bool, relink: bool, larger: bool = False,
             if done:  # coalesce returned: all of it is durable
                 assert not os.path.exists(ck), "the checkpoint is back after a finished run"
                 assert read_all(root / "d0.vhd") == views["c.vhd"], "a finished run was lost"
+                for n in ["d0.vhd"] + [g.name for g in grand]:
+                    assert check_file(root / n) == [], f"{n} not clean after a finished run"
             if os.path.exists(ck) or read_all(root / "d0.vhd") != views["c.vhd"]:
                 coalesce(root / "c.vhd", relink_children=grand, batch_blocks=batch)
             # the run completed: the parent holds the child's old view
@@ -181,6 +183,7 @@ def relink_scenario() -> Scenario:
             assert parent in ("c.vhd", "d0.vhd")
             if done:
                 assert parent == "d0.vhd", "a finished relink was lost"
+                assert check_file(g) == [], "not clean after a finished relink"
             assert read_all(g) == views["g1.vhd"], "reads differently"
             relink(g, root / "d0.vhd")
             os.unlink(root / "c.vhd")
@@ -393,7 +396,7 @@ def _image_chain(root: Path, seed: int) -> Path:
     return mc.leaf
 
 
-def image_scenario(previous: bool) -> Scenario:
+def image_scenario(previous: bool, state_dir: bool = False) -> Scenario:
     """``image`` to a directory store: the previous image (if any) still
     restores, the job state is never half-written, and ``--resume`` (or a
     fresh run when no state survived) completes the new image."""
@@ -412,10 +415,13 @@ def image_scenario(previous: bool) -> Scenario:
             with Chain.open(leaf, writable=True) as c:
                 c.write(17 * KiB, os.urandom(40 * KiB))
         new_view = read_all(leaf)
-        spath = job_state_path(url)
+        opts: dict = {"segment_size": 64 * KiB, "fs_aware": False}
+        if state_dir:  # a state directory that does not exist yet
+            opts["state_dir"] = root / "jobs"
+        spath = job_state_path(url, opts.get("state_dir"))
 
         def run() -> None:
-            create_image(leaf, url, segment_size=64 * KiB, fs_aware=False)
+            create_image(leaf, url, **opts)
 
         def restored() -> bytes | None:
             out = root / "check.vhd"
@@ -432,6 +438,11 @@ def image_scenario(previous: bool) -> Scenario:
             if os.path.exists(spath):
                 st = _load_state(spath)  # raises on a half-written state
                 assert st is not None
+            elif not (root / "store" / "img.manifest.json").exists():
+                # a job that stored something is resumable: its state survived
+                segs = root / "store" / "img.segments"
+                assert not (segs.exists() and any(segs.glob("*.md5"))), \
+                    "segments were stored but the job state is gone"
             got = restored()
             if done:
                 assert got == new_view, "a finished image was lost"
@@ -441,8 +452,7 @@ def image_scenario(previous: bool) -> Scenario:
             elif previous:
                 raise AssertionError("the previous image no longer restores")
             if got != new_view:
-                create_image(leaf, url, segment_size=64 * KiB, fs_aware=False,
-                             resume=os.path.exists(spath))
+                create_image(leaf, url, resume=os.path.exists(spath), **opts)
                 assert restored() == new_view, "resume did not complete the new image"
         return run, check
     return make
@@ -504,12 +514,13 @@ SCENARIOS: dict[str, tuple[Scenario, int | None]] = {
     "restore": (restore_scenario("vhd"), None),
     "restore --format raw": (restore_scenario("raw"), None),
     "image (new)": (image_scenario(False), None),
+    "image (state in a new --state-dir)": (image_scenario(False, state_dir=True), None),
     "image (over a previous image)": (image_scenario(True), None),
 }
 
 
 def run_scenario(name: str, root: Path, *, points: int | None, subsets: int, seed: int = 0,
-                 stop_at_first: bool = True):
+                 stop_at_first: bool = True, unit: int = 4096):
     from _crashsim import explore, no_real_fsync
 
     make, _ = SCENARIOS[name]
@@ -517,7 +528,7 @@ def run_scenario(name: str, root: Path, *, points: int | None, subsets: int, see
     with no_real_fsync():
         run, check = make(root)
     return explore(name, root, run, check, points=points, subsets=subsets, seed=seed,
-                   stop_at_first=stop_at_first)
+                   stop_at_first=stop_at_first, unit=unit)
 
 
 __all__ = ["SCENARIOS", "run_scenario", "json"]

@@ -40,6 +40,20 @@ def test_power_cut(tmp_path, name):
     assert st.violations == []
 
 
+#: scenarios also run with each 512-byte sector kept or lost on its own (the
+#: smallest unit storage writes whole): metadata written side by side, such
+#: as a relocated header and the footer after it, may then part
+SECTOR_SCENARIOS = ["relink (function; no relink command here)", "coalesce --relink (grow, BAT moves)",
+                    "write (differencing)", "repair (older footer where the data ends)"]
+
+
+@pytest.mark.parametrize("name", SECTOR_SCENARIOS)
+def test_power_cut_sectors(tmp_path, name):
+    st = run_scenario(name, tmp_path / "w", points=None, subsets=2, seed=2, unit=512)
+    print(st.line())
+    assert st.points > 0 and st.violations == []
+
+
 def test_self_test_missing_fsync_before_checkpoint(tmp_path, monkeypatch):
     """Coalesce without the fsync that makes a batch (its blocks and BAT
     entries) durable before the checkpoint records it: after a power cut

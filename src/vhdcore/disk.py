@@ -617,16 +617,19 @@ class VhdFile:
         self._map()
 
     def write_footer(self, footer: Footer, *, durable: bool = True) -> None:
-        """Replace the footer: primary at EOF first, then the copy at offset 0."""
+        """Replace the footer: primary at EOF, then the copy at offset 0, then
+        (``durable``) one fsync."""
         self._require_writable()
         raw = footer.pack()
+        # no fsync between the two: the primary (one sector, in place) is the
+        # one in force, and the copy is only read when the primary is
+        # damaged; a copy that reaches the disk first is as valid ('check'
+        # warns, 'repair' rewrites it)
         self._pwrite(raw, self.footer_offset)
-        if durable:
-            self._sync()
         if not self.is_fixed:
             self._pwrite(raw, 0)
-            if durable:
-                self._sync()
+        if durable:
+            self._sync()
         self.footer = footer
 
     def write_header(self, header: DynamicHeader, *, durable: bool = True) -> None:
