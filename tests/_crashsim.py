@@ -419,7 +419,7 @@ class Stats:
 
     def line(self) -> str:
         return (f"{self.name:34} {self.operations:6} ops {self.points:6} crash points "
-                f"{self.variants:7} page/entry subsets  {len(self.violations)} violations")
+                f"{self.variants:7} states (page/entry subsets)  {len(self.violations)} violations")
 
 
 def explore(name: str, root: Path, run: Callable[[], object],

@@ -495,7 +495,7 @@ SCENARIOS: dict[str, tuple[Scenario, int | None]] = {
     "coalesce (grow, BAT has room)": (coalesce_scenario("dynamic", True, False, bat_room=True), None),
     "coalesce --relink (resumed in fixed growth)": (
         coalesce_scenario("fixed", True, True, resume_growth=True), None),
-    "coalesce --relink (larger chain, sampled)": (coalesce_scenario("dynamic", False, True, True), 15),
+    "coalesce --relink (larger chain)": (coalesce_scenario("dynamic", False, True, True), 15),
     "relink (function; no relink command here)": (relink_scenario(), None),
     "write (differencing)": (write_scenario("differencing"), None),
     "write (dynamic)": (write_scenario("dynamic"), None),
