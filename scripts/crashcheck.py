@@ -4,8 +4,12 @@ command, the operations recorded, the crash points and the dropped-page
 subsets tried, and the violations found.
 
     PYTHONPATH=src python3 scripts/crashcheck.py              # every crash point, 8 random subsets
-    PYTHONPATH=src python3 scripts/crashcheck.py --points 40 --subsets 2   # what the suite runs
+    PYTHONPATH=src python3 scripts/crashcheck.py --subsets 2  # about what the suite runs
+    PYTHONPATH=src python3 scripts/crashcheck.py --unit 512   # each 512-byte sector on its own
     PYTHONPATH=src python3 scripts/crashcheck.py --only coalesce --json
+
+Besides the random subsets, every crash point also tries "all kept", "none
+kept" and "newest only" (the last operation not yet durable alone).
 
 The crash model is described in tests/_crashsim.py and docs/guarantees.md.
 Exit code 1 when any violation was found.

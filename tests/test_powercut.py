@@ -1,12 +1,15 @@
 """Power cuts: every command that writes, run under the crash simulator
-(tests/_crashsim.py), keeps its promise at sampled crash points, with "all
-kept", "none kept" and two random subsets of the pages and directory entries
-not yet made durable.  ``scripts/crashcheck.py`` runs every crash point with
-more subsets and prints the figures (docs/guarantees.md quotes them).
+(tests/_crashsim.py), keeps its promise at every crash point (15 sampled
+ones of the larger chain), with "all kept", "none kept", "newest only" and
+two random subsets of the pages and directory entries not yet made durable;
+four scenarios again with 512-byte units.  ``scripts/crashcheck.py`` runs
+every point with more subsets and prints the figures (docs/guarantees.md
+quotes them).
 
 The self-tests prove the simulator can fail: without the fsync that makes a
-coalesce batch's data durable before its BAT entries, or without the
-directory fsync after a flatten's rename, it reports a violation."""
+coalesce batch durable before its checkpoint records it, or without the
+directory fsync after a flatten's rename, it reports a violation.
+``scripts/fsync_mutants.py`` does the same for every fsync call site."""
 from __future__ import annotations
 
 import os
