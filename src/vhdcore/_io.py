@@ -11,7 +11,7 @@ import contextlib
 import errno
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 __all__ = ["pwrite_all", "fsync", "ftruncate", "replace", "unlink", "fsync_dir", "atomic_write",
@@ -42,6 +42,11 @@ class FaultPlan:
 
 
 _plan: FaultPlan | None = None
+#: test hook: called as ``_observer(op, *args)`` after each operation that
+#: succeeded (``"pwrite", fd, offset, data``; ``"fsync", fd``;
+#: ``"ftruncate", fd, size``; ``"replace", src, dst``; ``"unlink", path``).
+#: The crash simulator of the test suite records through it.
+_observer: Callable[..., None] | None = None
 _SECTOR = 512
 _lock = threading.Lock()
 
@@ -79,12 +84,15 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
                 os.pwrite(fd, view[:keep], offset)
             raise OSError(errno.EIO, f"short write (injected at operation {plan.count})")
         _fail(plan, "pwrite")
+    start, whole = offset, view
     while len(view):
         n = os.pwrite(fd, view, offset)
         if n <= 0:
             raise OSError(errno.EIO, f"write of {len(view)} bytes at {offset} wrote nothing")
         view = view[n:]
         offset += n
+    if _observer is not None:
+        _observer("pwrite", fd, start, whole)
 
 
 def fsync(fd: int) -> None:
@@ -92,6 +100,8 @@ def fsync(fd: int) -> None:
     if plan is not None:
         _fail(plan, "fsync")
     os.fsync(fd)
+    if _observer is not None:
+        _observer("fsync", fd)
 
 
 def ftruncate(fd: int, size: int) -> None:
@@ -99,6 +109,8 @@ def ftruncate(fd: int, size: int) -> None:
     if plan is not None:
         _fail(plan, "ftruncate")
     os.ftruncate(fd, size)
+    if _observer is not None:
+        _observer("ftruncate", fd, size)
 
 
 def replace(src: str, dst: str) -> None:
@@ -106,10 +118,14 @@ def replace(src: str, dst: str) -> None:
     if plan is not None:
         _fail(plan, "replace")
     os.replace(src, dst)
+    if _observer is not None:
+        _observer("replace", src, dst)
 
 
 def unlink(path: str) -> None:
     os.unlink(path)
+    if _observer is not None:
+        _observer("unlink", path)
 
 
 def fsync_dir(directory: str) -> None:

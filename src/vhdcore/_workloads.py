@@ -88,6 +88,7 @@ def _write_layer(vhd: VhdFile, blocks: Sequence[int], kind: str, rng: np.random.
                  layer: int) -> int:
     bs = vhd.block_size
     written = 0
+    vhd.durable = False  # generated scratch data: the write order, no fsyncs
     for blk in blocks:
         n = vhd.block_sectors(blk)
         if kind == "scattered" and layer > 0:

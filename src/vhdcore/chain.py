@@ -505,6 +505,7 @@ class Chain:
             raise
         os.close(fd)
         _io.replace(tmp, path)
+        _io.fsync_dir(os.path.dirname(os.path.abspath(path)))
         return self.virtual_size
 
     # ---------------------------------------------------------------- writes

@@ -654,11 +654,11 @@ def _grow_parent(parent: VhdFile, new_size: int) -> None:
         #    place, hidden past the size; 3. one sector write grows the size.
         #    (a resumed coalesce repeats the steps)
         parent._pwrite(parent.footer.pack(), new_size)
-        _io.fsync(parent._fd)
+        parent._sync()
         parent._pwrite(bytes(FOOTER_SIZE), old)
-        _io.fsync(parent._fd)
+        parent._sync()
         parent._pwrite(new_footer.pack(), new_size)
-        _io.fsync(parent._fd)
+        parent._sync()
         parent.footer = new_footer
         parent.footer_offset = new_size
         parent.virtual_size = new_size
@@ -680,7 +680,7 @@ def _grow_parent(parent: VhdFile, new_size: int) -> None:
         raw = encode_bat(bat)
         off = parent.reserve(len(raw))
         parent._pwrite(raw, off)
-        _io.fsync(parent._fd)
+        parent._sync()
         parent.write_header(h.with_(table_offset=off, max_table_entries=nblocks))
     else:
         if nblocks > parent.nblocks:
@@ -688,7 +688,7 @@ def _grow_parent(parent: VhdFile, new_size: int) -> None:
             # disk before the footer says the disk is larger
             tail = np.full(nblocks - parent.nblocks, BAT_UNUSED, dtype=">u4").tobytes()
             parent._pwrite(tail, h.table_offset + parent.nblocks * 4)
-            _io.fsync(parent._fd)
+            parent._sync()
     parent.write_footer(new_footer)
     parent.bat = bat
     parent.nblocks = nblocks
@@ -765,6 +765,7 @@ def coalesce(child: PathLike, *, relink_children: Sequence[PathLike] = (),
     except BaseException:
         cvhd.close()
         raise
+    pvhd.durable = durable
     try:
         from .errors import ParentMismatchError
 
@@ -877,9 +878,10 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict[str, Any] | None, cpat
         if pvhd.virtual_size < new_size:
             _grow_parent(pvhd, new_size)
         elif pvhd.is_fixed:
-            # the new footer was written; make sure the old one's place reads zero
+            # the new footer was written, so the zeros over the old one's
+            # place were durable before it (see _grow_parent); writing them
+            # again costs nothing and needs no fsync of its own
             pvhd._pwrite(bytes(FOOTER_SIZE), grow_from)
-            _io.fsync(pvhd._fd)
         else:
             # the footer grew; its copy at offset 0 may not have
             pvhd.sync_footer_copy()
@@ -901,7 +903,11 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict[str, Any] | None, cpat
     interrupted: BaseException | None = None
 
     def checkpoint(next_block: int) -> None:
-        pvhd.flush(durable=durable)
+        # no fsync between the batch's blocks and its BAT entries: until the
+        # checkpoint below records the batch, a re-run merges its blocks
+        # again (into a block a BAT entry already points at, too); one fsync
+        # after the BAT makes the batch durable before the checkpoint says so
+        pvhd.flush(durable=durable, barrier=False)
         state["next_block"] = next_block
         _write_json_atomic(cpath, state, durable)
 
@@ -916,7 +922,13 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict[str, Any] | None, cpat
             old_handler = None
     try:
         since = 0
+        place: dict[int, int] = {}
         for i, blk in enumerate(todo):
+            if i % batch_blocks == 0 and not pvhd.is_fixed:
+                # room for the batch's new parent blocks in one reserve: one
+                # fsync makes the new end durable before blocks go over the
+                # old footer (see VhdFile.reserve)
+                place = _reserve_batch(cvhd, pvhd, todo[i : i + batch_blocks], cbm)
             if stop_flag["sig"]:
                 interrupted = KeyboardInterrupt()
                 checkpoint(blk)
@@ -927,7 +939,7 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict[str, Any] | None, cpat
                     f"coalesce of {cvhd.path} stopped at its deadline after "
                     f"{done_before + i}/{total} blocks; run it again to resume from {cpath}")
                 break
-            w, s, a = _merge_one(cvhd, pvhd, blk, cbm, runs, newblk)
+            w, s, a = _merge_one(cvhd, pvhd, blk, cbm, runs, newblk, place.get(blk))
             _release_block_pages(cvhd, pvhd, blk)
             written += w
             skipped += s
@@ -940,7 +952,7 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict[str, Any] | None, cpat
             if progress is not None:
                 progress(done_before + i + 1, total)
         else:
-            pvhd.flush(durable=durable)
+            pvhd.flush(durable=durable, barrier=False)
             state["stage"] = "merged"
             state["next_block"] = cvhd.nblocks
             _write_json_atomic(cpath, state, durable)
@@ -974,8 +986,34 @@ def _release_block_pages(cvhd: VhdFile, pvhd: VhdFile, blk: int) -> None:
                 _drop_pages(v, off, v.bitmap_size + v.block_size)
 
 
+def _reserve_batch(cvhd: VhdFile, pvhd: VhdFile, blocks: Sequence[int],
+                   cbm: bytearray) -> dict[int, int]:
+    """Reserve the parent blocks that merging ``blocks`` will allocate (as
+    :func:`_merge_one` decides) at once; returns block -> offset."""
+    need = []
+    for blk in blocks:
+        if pvhd.block_offset(blk) is not None:
+            continue
+        views = cvhd.block_views(blk)
+        assert views is not None
+        n = min(cvhd.block_sectors(blk), pvhd.block_sectors(blk))
+        if n <= 0:
+            continue
+        cbm[:] = views[0]
+        if kernels.bitmap_count(cbm, n) == 0:
+            continue
+        if pvhd.disk_type == DISK_DYNAMIC and kernels.clear_zero_sectors(cbm, views[1], n) == 0:
+            continue
+        need.append(blk)
+    if not need:
+        return {}
+    stride = pvhd.bitmap_size + pvhd.block_size
+    base = pvhd.reserve(len(need) * stride)
+    return {blk: base + k * stride for k, blk in enumerate(need)}
+
+
 def _merge_one(cvhd: VhdFile, pvhd: VhdFile, blk: int, cbm: bytearray, runs: np.ndarray,
-               newblk: memoryview | None) -> tuple[int, int, int]:
+               newblk: memoryview | None, offset: int | None = None) -> tuple[int, int, int]:
     """Merge one child block into the parent.  Returns (sectors written,
     sectors skipped as equal, blocks allocated)."""
     views = cvhd.block_views(blk)
@@ -1019,7 +1057,7 @@ def _merge_one(cvhd: VhdFile, pvhd: VhdFile, blk: int, cbm: bytearray, runs: np.
         data = newblk[: n * SECTOR]
         data[:] = cdata[: n * SECTOR]
         kernels.fill_unset(cbm, data, n)
-        pvhd.write_block(blk, bytes(cbm).ljust(pvhd.bitmap_size, b"\0"), data)
+        pvhd.write_block(blk, bytes(cbm).ljust(pvhd.bitmap_size, b"\0"), data, offset=offset)
         return kernels.bitmap_count(cbm, n), skipped, 1
     pbm_view, pdata = pviews
     pbm = bytearray(pbm_view)
@@ -1210,27 +1248,38 @@ def _relink_unchecked(grandchild: PathLike, new_parent: PathLike, *,
                 f"{_uuid_str(expected_old_parent)}")
         old = {loc.code: loc for loc in h.locators if loc.used}
         locs: list[ParentLocator] = []
-        wrote = False
-        for code, blob in parent_locator_blobs(grandchild, new_parent):
+        blobs = parent_locator_blobs(grandchild, new_parent)
+        fresh = []
+        for code, blob in blobs:
             slot = old.get(code)
-            if (slot is not None and slot.data_length == len(blob)
+            if not (slot is not None and slot.data_length == len(blob)
                     and slot.data_offset + len(blob) <= g.file_size
                     and bytes(g.mv[slot.data_offset : slot.data_offset + len(blob)]) == blob):
+                fresh.append(code)
+        # the new locators and the new header in one reserve (one fsync of
+        # the new end, see VhdFile.reserve)
+        spaces = {code: max(SECTOR, -(-len(blob) // SECTOR) * SECTOR) for code, blob in blobs}
+        pos = g.reserve(sum(spaces[c] for c in fresh) + HEADER_SIZE) if fresh else None
+        wrote = False
+        for code, blob in blobs:
+            if code not in fresh:
+                slot = old[code]
                 locs.append(slot)  # already says this (a repeated relink)
                 continue
-            space = max(SECTOR, -(-len(blob) // SECTOR) * SECTOR)
-            off = g.reserve(space)
-            g._pwrite(blob.ljust(space, b"\0"), off)
+            assert pos is not None
+            space = spaces[code]
+            g._pwrite(blob.ljust(space, b"\0"), pos)
             wrote = True
             locs.append(ParentLocator(code=code, data_space=space, data_length=len(blob),
-                                      data_offset=off))
+                                      data_offset=pos))
+            pos += space
         while len(locs) < 8:
             locs.append(ParentLocator(code=b"\0\0\0\0", data_space=0, data_length=0,
                                       data_offset=0))
         new_header = h.with_(parent_uuid=puuid, parent_timestamp=pstamp,
                              parent_name=os.path.basename(new_parent), locators=tuple(locs))
         if wrote or new_header.pack() != h.pack():
-            g.relocate_header(new_header)
+            g.relocate_header(new_header, offset=pos)
             return True
         g.sync_footer_copy()
         return False

@@ -3,20 +3,28 @@ create fixed, dynamic and differencing files and write into them in a
 crash-consistent order.
 
 Reading never modifies the file.  Writing (``VhdFile.open(path,
-writable=True)`` or the ``create_*`` functions) follows this order for every
-new block:
+writable=True)`` or the ``create_*`` functions) follows this order, so that
+a power cut (which may keep or lose each page written since the last fsync)
+leaves the old content or the new one:
 
-1. the footer is written at the new end of file first, so that a valid
-   primary footer exists at EOF at every moment;
-2. the block's data, then its sector bitmap;
-3. the BAT entry (after an fsync when ``durable`` is set);
-4. the footer copy at offset 0 when the footer changed.
+1. room for new blocks is reserved at once: the footer is written at the new
+   end of file and, when the room covers the footer last made durable, it
+   is fsynced before any block goes over the old footer (so a valid primary
+   footer exists at EOF at every moment);
+2. the blocks' data, then their sector bitmaps; new sectors of an existing
+   block before its bitmap bits, with an fsync in between;
+3. the BAT entries (after an fsync, unless the caller redoes the blocks
+   after a crash, as a coalesce does from its checkpoint);
+4. the footer copy at offset 0 when the footer changed (after the primary).
 
 A crash therefore leaves at worst an unreferenced region, never a BAT entry
-pointing at unwritten data and never a file without a footer at EOF.
+or bitmap bit claiming unwritten data, and never a file without a footer at
+EOF.  New files are written under a temporary name, fsynced, then linked or
+renamed into place and the directory fsynced: complete or absent.
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import stat
@@ -80,6 +88,10 @@ class VhdFile:
     def __init__(self, path: PathLike, *, writable: bool = False, _fd: int | None = None) -> None:
         self.path = os.fspath(path)
         self.writable = writable
+        #: fsync at the barriers of the write order (False: only the order
+        #: protects, against a dying process but not a power cut)
+        self.durable = True
+        self._synced_footer = 0
         self._mm: mmap.mmap | None = None
         self._mv: memoryview | None = None
         #: set when a write grew the file past the mapping (see :attr:`mv`)
@@ -263,6 +275,8 @@ class VhdFile:
         # new blocks go after all data, and never before the footer: a footer
         # written in front of the one at EOF would not be the one readers use
         self._next_block = max(self._end_of_data(), -(-self.footer_offset // SECTOR) * SECTOR)
+        #: where the footer was when the file was last known durable
+        self._synced_footer = self.footer_offset
 
     def _needed_bytes(self, block: int) -> int:
         """Bytes of data a block must have on disk (the last block may be short)."""
@@ -462,10 +476,23 @@ class VhdFile:
     def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         _io.pwrite_all(self._fd, data, offset)
 
+    def _sync(self) -> None:
+        """fsync the file: everything written so far is durable, the footer
+        at ``footer_offset`` included."""
+        _io.fsync(self._fd)
+        self._synced_footer = self.footer_offset
+
     def reserve(self, nbytes: int) -> int:
         """Reserve ``nbytes`` (sector multiple) at the end of the data for new
         blocks and write the footer after them at once, so the file always ends
-        with a valid footer.  Returns the offset of the reserved region."""
+        with a valid footer.  Returns the offset of the reserved region.
+
+        When the region covers the footer that was last made durable (the
+        usual case: new space starts where the footer was), the new footer is
+        made durable before returning (when ``durable`` is set): otherwise a
+        power cut could keep a block written over the old footer and lose the
+        file's new end and footer.  Reserve room for a batch of blocks at once
+        to pay for one fsync."""
         self._require_writable()
         off = self._next_block
         _check_sector_offset(self.path, off)
@@ -473,6 +500,8 @@ class VhdFile:
         self._pwrite(self.footer.pack(), self._next_block)
         self.footer_offset = self._next_block
         self._grown = True
+        if self.durable and off < self._synced_footer + FOOTER_SIZE and self._next_block > self._synced_footer:
+            self._sync()
         return off
 
     def write_block(self, block: int, bitmap: bytes | bytearray | memoryview,
@@ -530,37 +559,58 @@ class VhdFile:
             self._pwrite(data, sector * SECTOR)
             return
         spb = self.sectors_per_block
+        spans = []
         pos = 0
         while pos < nsec:
-            s = sector + pos
-            blk, first = divmod(s, spb)
+            blk, first = divmod(sector + pos, spb)
             count = min(nsec - pos, spb - first)
-            chunk = data[pos * SECTOR : (pos + count) * SECTOR]
+            spans.append((blk, first, count, data[pos * SECTOR : (pos + count) * SECTOR]))
+            pos += count
+        # the order for a power cut: room for the new blocks (one reserve,
+        # made durable before anything is written over the old footer); all
+        # data (and new blocks' bitmaps); a barrier; then what makes the data
+        # visible: bitmap bits of existing blocks and the BAT entries of new
+        # ones (durable at the next flush)
+        new = [blk for blk, _, _, _ in spans if self.block_offset(blk) is None]
+        stride = self.bitmap_size + self.block_size
+        base = self.reserve(len(new) * stride) if new else 0
+        place = {blk: base + i * stride for i, blk in enumerate(new)}
+        bitmaps: list[tuple[int, bytearray]] = []
+        for blk, first, count, chunk in spans:
             off = self.block_offset(blk)
             if off is None:
                 bitmap = bytearray(self.bitmap_size)
                 buf = bytearray(self.block_sectors(blk) * SECTOR)
                 buf[first * SECTOR : (first + count) * SECTOR] = chunk
                 _set_bits(bitmap, first, count)
-                self.write_block(blk, bitmap, buf)
+                self.write_block(blk, bitmap, buf, offset=place[blk])
             else:
                 self._pwrite(chunk, off + self.bitmap_size + first * SECTOR)
                 bm = bytearray(self.mv[off : off + self.bitmap_size])
                 _set_bits(bm, first, count)
+                if bm != self.mv[off : off + self.bitmap_size]:
+                    bitmaps.append((off, bm))
+        if bitmaps or self._bat_dirty:
+            if self.durable:
+                self._sync()
+            for off, bm in bitmaps:
                 self._pwrite(bm, off)
-            pos += count
         self.flush(durable=False)
 
-    def flush(self, *, durable: bool = True) -> None:
-        """Write dirty BAT sectors (after the data is durable when ``durable``),
-        then make sure the footer is at EOF and its copy at offset 0."""
+    def flush(self, *, durable: bool = True, barrier: bool = True) -> None:
+        """Write dirty BAT sectors, after an fsync that makes the blocks they
+        point at durable first (when ``durable`` and ``barrier``), then fsync
+        (when ``durable``).  ``barrier=False`` is for a caller that can redo
+        the blocks after a power cut (a coalesce re-merges every block after
+        its last checkpoint), so a BAT entry that reached the disk before its
+        block's data does no harm."""
         if not self.writable or self.bat is None:
             if self.writable and durable:
-                _io.fsync(self._fd)
+                self._sync()
             return
         if self._bat_dirty:
-            if durable:
-                _io.fsync(self._fd)
+            if durable and barrier:
+                self._sync()
             h = self.header
             assert h is not None
             raw = encode_bat(self.bat)
@@ -576,20 +626,23 @@ class VhdFile:
                 i = j + 1
             self._bat_dirty.clear()
         if durable:
-            _io.fsync(self._fd)
+            self._sync()
         self._map()
 
     def write_footer(self, footer: Footer, *, durable: bool = True) -> None:
-        """Replace the footer: primary at EOF first, then the copy at offset 0."""
+        """Replace the footer: primary at EOF, then the copy at offset 0, then
+        (``durable``) one fsync."""
         self._require_writable()
         raw = footer.pack()
+        # no fsync between the two: the primary (one sector, in place) is the
+        # one in force, and the copy is only read when the primary is
+        # damaged; a copy that reaches the disk first is as valid ('check'
+        # warns, 'repair' rewrites it)
         self._pwrite(raw, self.footer_offset)
-        if durable:
-            _io.fsync(self._fd)
         if not self.is_fixed:
             self._pwrite(raw, 0)
-            if durable:
-                _io.fsync(self._fd)
+        if durable:
+            self._sync()
         self.footer = footer
 
     def write_header(self, header: DynamicHeader, *, durable: bool = True) -> None:
@@ -598,21 +651,23 @@ class VhdFile:
         self._require_writable()
         self._pwrite(header.pack(), self.footer.data_offset)
         if durable:
-            _io.fsync(self._fd)
+            self._sync()
         self.header = header
 
     def relocate_header(self, header: DynamicHeader, footer: Footer | None = None, *,
-                        durable: bool = True) -> None:
+                        durable: bool = True, offset: int | None = None) -> None:
         """Replace the dynamic header without ever overwriting it: the new one
-        goes to a fresh place at the end of the data, then one footer write
-        (at EOF, then the copy at offset 0) switches to it, together with
-        any other footer change (``footer``, e.g. a new size).  A crash at any
-        point leaves the old or the new header in force, never a torn one."""
+        goes to a fresh place at the end of the data (``offset``, reserved by
+        the caller together with other new space, or reserved here), then one
+        footer write (at EOF, then the copy at offset 0) switches to it,
+        together with any other footer change (``footer``, e.g. a new size).
+        A crash at any point leaves the old or the new header in force, never
+        a torn one."""
         self._require_writable()
-        off = self.reserve(HEADER_SIZE)
+        off = self.reserve(HEADER_SIZE) if offset is None else offset
         self._pwrite(header.pack(), off)
         if durable:
-            _io.fsync(self._fd)
+            self._sync()
         self.write_footer((footer or self.footer).with_(data_offset=off), durable=durable)
         self.header = header
 
@@ -625,7 +680,7 @@ class VhdFile:
             return False
         self._pwrite(self.footer.pack(), 0)
         if durable:
-            _io.fsync(self._fd)
+            self._sync()
         return True
 
     def describe(self) -> dict[str, Any]:
@@ -711,11 +766,46 @@ def _check_new_size(size: int, block_size: int) -> None:
         raise VhdError(f"block size {block_size} must be a power of two from 4 KiB to 256 MiB")
 
 
+def _create_complete(path: str, exclusive: bool, fill: Any) -> int:
+    """Create ``path`` whole or not at all: ``fill(fd)`` writes a temporary
+    file beside it, which is fsynced, then linked (``exclusive``: an existing
+    ``path`` is an error, as with ``O_EXCL``) or renamed to ``path``, and the
+    directory fsynced.  Returns the open descriptor of the new file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if exclusive and os.path.lexists(path):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        fill(fd)
+        _io.fsync(fd)
+        if exclusive:
+            try:
+                os.link(tmp, path)  # fails if path appeared meanwhile
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links on this file system
+                if os.path.lexists(path):
+                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
+                _io.replace(tmp, path)
+            else:
+                _io.unlink(tmp)
+        else:
+            _io.replace(tmp, path)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _io.fsync_dir(directory)
+    return fd
+
+
 def _write_new_dynamic(path: str, footer: Footer, header: DynamicHeader,
                        blobs: list[bytes], first_block: int, exclusive: bool) -> VhdFile:
-    flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, 0o644)
-    try:
+    def fill(fd: int) -> None:
         nblocks = -(-footer.current_size // header.block_size)
         bat = np.full(nblocks, BAT_UNUSED, dtype=np.uint32)
         _io.pwrite_all(fd, footer.pack(), 0)
@@ -724,10 +814,8 @@ def _write_new_dynamic(path: str, footer: Footer, header: DynamicHeader,
         for loc, blob in zip(header.locators, blobs):
             _io.pwrite_all(fd, blob.ljust(loc.space_bytes, b"\0"), loc.data_offset)
         _io.pwrite_all(fd, footer.pack(), first_block)
-        _io.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        raise
+
+    fd = _create_complete(path, exclusive, fill)
     return VhdFile(path, writable=True, _fd=fd)
 
 
@@ -736,15 +824,12 @@ def create_fixed(path: PathLike, size: int, *, exclusive: bool = False) -> VhdFi
     path = os.fspath(path)
     _check_new_size(size, DEFAULT_BLOCK_SIZE)
     footer = Footer.new(DISK_FIXED, size)
-    flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, 0o644)
-    try:
+
+    def fill(fd: int) -> None:
         _io.ftruncate(fd, size)
         _io.pwrite_all(fd, footer.pack(), size)
-        _io.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        raise
+
+    fd = _create_complete(path, exclusive, fill)
     return VhdFile(path, writable=True, _fd=fd)
 
 

@@ -171,8 +171,17 @@ def _job_id(identity: list[dict[str, Any]], target: str, options: dict[str, Any]
 
 
 def _save_state(path: str, state: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    d = os.path.dirname(path)
+    if not os.path.isdir(d):
+        os.makedirs(d, exist_ok=True)
+        _io.fsync_dir(os.path.dirname(d))  # the new directory's own entry
     _io.atomic_write(path, json.dumps(state).encode(), private=True)
+
+
+def _remove_state(path: str) -> None:
+    """Remove the job state for good (a finished or discarded job)."""
+    os.unlink(path)
+    _io.fsync_dir(os.path.dirname(path))
 
 
 def _block_fingerprint(blk: Any) -> str:
@@ -307,7 +316,7 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
     old = _load_state(spath)
     resume_hint = f"run the same command with --resume to continue (job state: {spath})"
     if old is not None and restart:
-        os.unlink(spath)
+        _remove_state(spath)
         old = None
     if old is not None and not resume:
         raise JobStateError(
@@ -597,7 +606,7 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     stage_seconds["uploading"] = time.monotonic() - tu
-    os.unlink(spath)
+    _remove_state(spath)
     stats = uploader.stats
     rep.enter("done", message=f"image stored at {target_url}", bytes_done=stream_size,
               bytes_total=stream_size, blocks_done=len(stored), blocks_total=len(stored))
