@@ -15,7 +15,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 __all__ = ["pwrite_all", "fsync", "ftruncate", "replace", "unlink", "fsync_dir", "atomic_write",
-           "FaultPlan", "inject", "SimulatedCrash"]
+           "create_temp", "FILE_MODE", "PRIVATE_MODE", "FaultPlan", "inject", "SimulatedCrash"]
+
+#: mode of every new file vhdcore writes: the process umask decides (like cp
+#: or qemu-img); only job state and checkpoints use PRIVATE_MODE
+FILE_MODE = 0o666
+PRIVATE_MODE = 0o600
 
 
 class SimulatedCrash(BaseException):
@@ -126,15 +131,32 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, data: bytes | bytearray | memoryview, *, durable: bool = True) -> None:
+def create_temp(directory: str, prefix: str, suffix: str, *,
+                private: bool = False) -> tuple[int, str]:
+    """A new file with a unique name in ``directory``, opened for reading and
+    writing: ``(fd, path)``.  Unlike :func:`tempfile.mkstemp` (always 0600)
+    its mode honours the umask, unless ``private``."""
+    import secrets
+
+    mode = PRIVATE_MODE if private else FILE_MODE
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(path, flags, mode), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {directory}")  # pragma: no cover
+
+
+def atomic_write(path: str, data: bytes | bytearray | memoryview, *, durable: bool = True,
+                 private: bool = False) -> None:
     """Replace ``path`` with ``data`` all at once: a temporary file beside it,
     fsynced (when ``durable``), renamed over ``path``, the directory fsynced.
-    A failure removes the temporary file and leaves ``path`` as it was."""
-    import tempfile
-
+    A failure removes the temporary file and leaves ``path`` as it was.
+    The new file's mode honours the umask, or is 0600 when ``private``."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
+    fd, tmp = create_temp(directory, f".{os.path.basename(path)}.", ".tmp", private=private)
     try:
         try:
             pwrite_all(fd, data, 0)

@@ -700,7 +700,7 @@ def _check_new_size(size: int, block_size: int) -> None:
 def _write_new_dynamic(path: str, footer: Footer, header: DynamicHeader,
                        blobs: list[bytes], first_block: int, exclusive: bool) -> VhdFile:
     flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, 0o644)
+    fd = os.open(path, flags, _io.FILE_MODE)
     try:
         nblocks = -(-footer.current_size // header.block_size)
         bat = np.full(nblocks, BAT_UNUSED, dtype=np.uint32)
@@ -723,7 +723,7 @@ def create_fixed(path: PathLike, size: int, *, exclusive: bool = False) -> VhdFi
     _check_new_size(size, DEFAULT_BLOCK_SIZE)
     footer = Footer.new(DISK_FIXED, size)
     flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, 0o644)
+    fd = os.open(path, flags, _io.FILE_MODE)
     try:
         _io.ftruncate(fd, size)
         _io.pwrite_all(fd, footer.pack(), size)
