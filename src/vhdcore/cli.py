@@ -228,7 +228,14 @@ def error_message(exc: BaseException) -> str:
         if exc.filename is not None and exc.filename2 is not None:
             return f"{exc.filename} -> {exc.filename2}: {what}"
         if exc.filename is not None:
-            return f"{exc.filename}: {what}"
+            name = str(exc.filename)
+            for suffix in (".part", ".tmp"):
+                if name.endswith(suffix):
+                    name = name[: -len(suffix)]
+            parent = os.path.dirname(os.path.abspath(name))
+            if exc.errno == errno.ENOENT and not os.path.isdir(parent):
+                return f"cannot write {name}: the directory {parent} does not exist"
+            return f"{name}: {what}"
         return str(exc.strerror or exc)
     text = str(exc) or type(exc).__name__
 
@@ -279,11 +286,15 @@ class ProgressDisplay:
         self.done = 0
         self.t0 = 0.0
         self.last_line = 0.0
+        self.shown = -1
 
     def _amount(self, n: float) -> str:
         return human_size(n) if self.unit == "B" else f"{int(n)} {self.unit}"
 
     def _line(self, rate: float | None, eta: float | None) -> None:
+        if self.done == self.shown:
+            return
+        self.shown = self.done
         pct = 100.0 * self.done / self.total if self.total else 100.0
         parts = [f"vhdcore: {self.label}: {pct:5.1f}%",
                  f"{self._amount(self.done)} of {self._amount(self.total)}"]
@@ -302,6 +313,7 @@ class ProgressDisplay:
         if label != self.label:
             self.finish()
             self.label, self.total, self.done, self.t0 = label, max(0, total), 0, now
+            self.shown = -1
             if self.tty:
                 from tqdm import tqdm
 
@@ -661,7 +673,8 @@ def _write_stream(chain: Any, src: Any, offset: int, sparse: bool) -> tuple[int,
             chain.write(pos, view[:head])
         body_len = (len(view) - head) // 512 * 512
         body = np.frombuffer(view[head:head + body_len], dtype=np.uint8).reshape(-1, 512)
-        nonzero: list[bool] = [bool(x) for x in body.any(axis=1)] if len(body) else []
+        flags: Any = body.any(axis=1)
+        nonzero: list[bool] = [bool(x) for x in flags] if len(body) else []
         i = 0
         base = pos + head
         while i < len(nonzero):
@@ -731,7 +744,6 @@ def _flatten(ns: argparse.Namespace) -> int:
     from .coalesce import flatten
 
     display = _display(ns)
-    _refuse_existing(ns.out, ns.force)
     try:
         res = flatten(ns.leaf, ns.out, ns.format, threads=ns.threads,
                       progress=display.pair("flatten"), chain_options=_chain_options(ns),
@@ -805,7 +817,6 @@ def _compact(ns: argparse.Namespace) -> int:
     from .coalesce import compact
 
     display = _display(ns, unit="blocks")
-    _refuse_existing(ns.out, ns.force)
     try:
         res = compact(ns.input, ns.out, progress=display.pair("compact"), overwrite=ns.force)
     except BaseException:
@@ -1179,14 +1190,16 @@ def _p_demo(sub: Any) -> None:
 def _demo(ns: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    say = (lambda msg: print(json.dumps({"event": "info", "message": msg}))) if ns.json \
-        else print
+    from .imaging import EVENT_VERSION
+
+    say = (lambda msg: print(json.dumps({"event": "info", "version": EVENT_VERSION,
+                                         "message": msg}))) if ns.json else print
     display = _display(ns)
     figures = run_demo(ns.workdir, size=ns.size, progress=_job_progress(ns, display),
                        say=say, keep=ns.keep)
     display.finish()
     if ns.json:
-        print(json.dumps({"event": "result", **figures}))
+        print(json.dumps({"event": "result", "version": EVENT_VERSION, **figures}))
     return EXIT_OK
 
 
@@ -1274,7 +1287,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read, check, coalesce, flatten and image Microsoft VHD chains.",
         epilog="Sizes accept K/M/G/T suffixes (binary: 10G, 512K, 1.5T). Every command that "
                "writes a file refuses an existing one unless --force; image refuses an "
-               "existing stored image unless --replace. Exit codes: 0 ok, 1 bad input or "
+               "existing stored image unless --replace. New files honour the umask (job "
+               "state and checkpoints stay private). Exit codes: 0 ok, 1 bad input or "
                "problems found, 2 usage, 3 job failed (resumable when it says so), 4 timed "
                "out or interrupted (resumable). --debug or VHDCORE_DEBUG=1 prints the "
                "traceback of an error.",

@@ -307,11 +307,11 @@ def flatten(leaf: PathLike, out: PathLike, format: str = "vhd", *, threads: int 
     if format not in ("vhd", "fixed", "raw"):
         raise VhdError(f"unknown output format {format!r} (vhd, fixed or raw)")
     out = os.fspath(out)
-    _refuse_existing(out, overwrite)
     tmp = out + ".part"
     with Chain.open(leaf, **(chain_options or {})) as chain:
         if os.path.exists(out) and any(os.path.samefile(out, ly.path) for ly in chain.layers):
             raise CoalesceError(f"{out}: the output would overwrite a disk of the chain")
+        _refuse_existing(out, overwrite)
         vsize = chain.virtual_size
         total = vsize
         if fs_aware and free_map is None:
@@ -943,13 +943,13 @@ def compact(vhd: PathLike, out: PathLike, *, threads: int = 2,
     """
     vhd = os.fspath(vhd)
     out = os.fspath(out)
-    _refuse_existing(out, overwrite)
     with VhdFile.open(vhd) as src:
         if not src.is_differencing:
             return flatten(vhd, out, "vhd", threads=threads, progress=progress, fs_aware=False,
                            overwrite=overwrite)
         if os.path.exists(out) and os.path.samefile(out, vhd):
             raise CoalesceError(f"{out}: compact cannot write over its input")
+        _refuse_existing(out, overwrite)
         h = src.header
         assert h is not None and src.bat is not None
         tmp = out + ".part"

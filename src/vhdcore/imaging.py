@@ -80,6 +80,27 @@ EVENT_VERSION = 1
 #: only once a stage has run for RATE_MIN_SECONDS
 RATE_WINDOW_SECONDS = 5.0
 RATE_MIN_SECONDS = 1.0
+#: the fields of one ``"event": "progress"`` line of ``vhdcore image --json``
+#: (schema version EVENT_VERSION): name, JSON type, meaning.  docs/cli.md is
+#: generated from this table and a test checks the emitted lines against it.
+EVENT_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("event", "string", '"progress" (other lines: "error" with exit_code, error, message and '
+                        'resumable; "result" with the ImageResult fields)'),
+    ("version", "integer", f"schema version of the line, {EVENT_VERSION}"),
+    ("stage", "string", "queued, coalescing, uploading, done or failed"),
+    ("percent", "integer", "the published figure of the stage: 0, 25, 50, 100"),
+    ("fraction", "number", "progress inside the stage, 0 to 1 (bytes_done / bytes_total)"),
+    ("bytes_done", "integer", "bytes of the stage done (coalescing: virtual disk; uploading: "
+                              "image stream)"),
+    ("bytes_total", "integer", "bytes of the stage in all"),
+    ("blocks_done", "integer", "blocks of the stage done"),
+    ("blocks_total", "integer", "blocks of the stage in all"),
+    ("rate", "number", f"bytes per second over the last {RATE_WINDOW_SECONDS:g} s; absent "
+                       "until the stage has run long enough for it to mean something"),
+    ("eta", "number", "seconds until the job is done; absent while unknown"),
+    ("elapsed", "number", "seconds since the job started"),
+    ("message", "string", "what the job is doing, or why it failed"),
+)
 
 
 @dataclass

@@ -82,7 +82,7 @@ def parse_url(url: str, *, prefix: bool = False) -> tuple[str, str, str]:
     parsed = urllib.parse.urlparse(url)
     scheme = parsed.scheme.lower()
     if scheme not in SCHEMES:
-        raise StoreError(f"unsupported URL scheme {parsed.scheme!r} in {url!r}; supported: {URL_FORMS}")
+        raise StoreError(f"unknown store URL scheme {parsed.scheme!r} in {url!r}; supported: {URL_FORMS}")
     if scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise StoreError(f"{url!r}: file URLs must be local (file:///dir/name)")
