@@ -317,9 +317,16 @@ class ProgressDisplay:
             if self.tty:
                 from tqdm import tqdm
 
+                try:
+                    width = os.get_terminal_size(self.stream.fileno()).columns
+                except (OSError, ValueError, AttributeError):
+                    width = 0
+                # a terminal that reports no width (a bare pty) still gets a bar
+                sizing: dict[str, Any] = {"dynamic_ncols": True} if width else {"ncols": 100,
+                                                                                 "nrows": 24}
                 self.bar = tqdm(total=max(1, self.total), desc=label, unit=self.unit,
                                 unit_scale=self.unit == "B", unit_divisor=1024,
-                                file=self.stream, leave=True, dynamic_ncols=True)
+                                file=self.stream, leave=True, **sizing)
             else:
                 self.done = done
                 self._line(None, None)
@@ -668,9 +675,20 @@ def _write_stream(chain: Any, src: Any, offset: int, sparse: bool) -> tuple[int,
             pos += len(buf)
             continue
         view = memoryview(buf)
+
+        def put(lo: int, piece: memoryview, zero: bool) -> None:
+            nonlocal skipped
+            if zero:
+                # zeros: write only where the disk does not already read zero
+                cur = chain.read(lo, len(piece))
+                if cur.count(0) == len(cur):
+                    skipped += len(piece)
+                    return
+            chain.write(lo, piece)
+
         head = min(len(view), (-pos) % 512)
         if head:
-            chain.write(pos, view[:head])
+            put(pos, view[:head], not any(view[:head]))
         body_len = (len(view) - head) // 512 * 512
         body = np.frombuffer(view[head:head + body_len], dtype=np.uint8).reshape(-1, 512)
         flags: Any = body.any(axis=1)
@@ -681,21 +699,11 @@ def _write_stream(chain: Any, src: Any, offset: int, sparse: bool) -> tuple[int,
             j = i
             while j < len(nonzero) and nonzero[j] == nonzero[i]:
                 j += 1
-            lo, hi = base + i * 512, base + j * 512
-            piece = view[head + i * 512: head + j * 512]
-            if nonzero[i]:
-                chain.write(lo, piece)
-            else:
-                # zeros: write only where the disk does not already read zero
-                cur = chain.read(lo, hi - lo)
-                if cur.count(0) == len(cur):
-                    skipped += hi - lo
-                else:
-                    chain.write(lo, piece)
+            put(base + i * 512, view[head + i * 512: head + j * 512], not nonzero[i])
             i = j
         tail = view[head + body_len:]
         if len(tail):
-            chain.write(base + body_len, tail)
+            put(base + body_len, tail, not any(tail))
         pos += len(view)
     return pos - offset, skipped
 
@@ -1175,7 +1183,7 @@ def _estimate(ns: argparse.Namespace) -> int:
 
 @_subparser
 def _p_demo(sub: Any) -> None:
-    s = _new(sub, "demo", "image, restore and check a built-in demo chain (no server needed)",
+    s = _new(sub, "demo", "image, restore and check a built-in demo chain (no server)",
              "Build a synthetic chain of three VHDs, image it to a local directory, restore "
              "it and check that the restored disk reads exactly like the chain.",
              ["demo", "demo --size 1G --workdir demo-files --json"])
