@@ -657,3 +657,25 @@ def test_readme_command_table_matches_the_parser():
     readme = (ROOT / "README.md").read_text()
     rows = re.findall(r"^\| `([a-z]+)` \| (.+?) \|$", readme, re.M)
     assert dict(rows) == helps
+
+
+def test_ls_rm_verify_on_s3(tmp_path, chain):
+    from _swift import require_s3, s3_client, unique
+
+    require_s3()
+    bucket = unique("cli-ls").lower()
+    s3 = s3_client()
+    s3.create_bucket(Bucket=bucket)
+    assert cli("image", chain.leaf, "--to", f"s3://{bucket}/one", "-q").returncode == 0
+    up = s3.create_multipart_upload(Bucket=bucket, Key="two")
+    s3.upload_part(Bucket=bucket, Key="two", UploadId=up["UploadId"], PartNumber=1, Body=b"x")
+    listing = json.loads(cli("ls", f"s3://{bucket}", "--json").stdout)
+    assert [(e["name"], e["complete"]) for e in listing] == [("one", True), ("two", False)]
+    assert listing[0]["virtual_size"] == 16 * MiB
+    r = cli("verify", f"s3://{bucket}/one")
+    assert r.returncode == 0, r.stderr
+    assert cli("rm", f"s3://{bucket}/two").returncode == 1
+    assert cli("rm", f"s3://{bucket}/two", "--force").returncode == 0
+    assert cli("rm", f"s3://{bucket}/one").returncode == 0
+    assert json.loads(cli("ls", f"s3://{bucket}", "--json").stdout) == []
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import time
 import traceback
@@ -663,13 +664,22 @@ def _write_stream(chain: Any, src: Any, offset: int, sparse: bool) -> tuple[int,
     pos = offset
     skipped = 0
     chunk = 4 * 1024 * 1024
+    try:
+        st = os.fstat(src.fileno())
+        size = st.st_size if stat.S_ISREG(st.st_mode) else None
+    except (OSError, AttributeError, ValueError):
+        size = None
+    if size is not None and offset + size > chain.virtual_size:
+        # a regular file is checked before anything is written
+        raise VhdError(f"{chain.leaf.path}: {size} bytes at offset {offset} do not fit in the "
+                       f"virtual size of {chain.virtual_size} bytes; nothing was written")
     while True:
         buf = src.read(chunk)
         if not buf:
             break
         if pos + len(buf) > chain.virtual_size:
-            raise VhdError(f"{chain.leaf.path}: the input runs past the virtual size "
-                           f"{chain.virtual_size} at offset {chain.virtual_size}")
+            raise VhdError(f"{chain.leaf.path}: the input runs past the virtual size of "
+                           f"{chain.virtual_size} bytes; {pos - offset} bytes were written")
         if not sparse:
             chain.write(pos, buf)
             pos += len(buf)
