@@ -979,7 +979,9 @@ def _p_restore(sub: Any) -> None:
     s.add_argument("--concurrency", type=_POSITIVE, default=4, metavar="N",
                    help="parallel segment downloads (default 4)")
     _add_force(s)
-    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    out = s.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the result as JSON")
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress on standard error")
 
 
 @_command("restore")
@@ -987,13 +989,16 @@ def _restore(ns: argparse.Namespace) -> int:
     from .store import restore
 
     _refuse_existing(ns.out, ns.force)
+    display = _display(ns)
     try:
         man = restore(ns.url, ns.out, format=ns.format, concurrency=ns.concurrency,
-                      overwrite=ns.force)
+                      overwrite=ns.force, progress=display.pair("restore"))
     except (VhdError, OSError) as exc:
+        display.finish(complete=False)
         code = _image_exit(exc)
         _report(exc, ns)
         return code
+    display.finish()
     if ns.json:
         print(json.dumps({"event": "result", "out": ns.out, "format": ns.format,
                           "segments": len(man.segments), "metadata": dict(man.metadata)}))
@@ -1107,8 +1112,9 @@ def _p_verify(sub: Any) -> None:
     _add_repo_option(s)
     s.add_argument("--concurrency", type=_POSITIVE, default=4, metavar="N",
                    help="parallel segment downloads (default 4)")
-    s.add_argument("--json", action="store_true", help="print the result as JSON")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress on standard error")
+    out = s.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the result as JSON")
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress on standard error")
 
 
 @_command("verify")
