@@ -34,7 +34,7 @@ def test_qemu_convert_raw_peer(benchmark, workloads, tmp_path):
     flattened chain, which qemu reads without a parent)."""
     w = workloads("realistic")
     flat = tmp_path / "flat.vhd"
-    flatten(w.leaf, flat, durable=False)
+    flatten(w.leaf, flat, durable=False, fs_aware=False)
     out = tmp_path / "q.raw"
     benchmark(subprocess.run, ["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(flat),
                                str(out)], check=True)
@@ -45,7 +45,7 @@ def test_qemu_convert_raw_peer(benchmark, workloads, tmp_path):
 def test_flatten(benchmark, workloads, tmp_path, fmt):
     w = workloads("realistic")
     out = tmp_path / f"f.{fmt}"
-    res = benchmark(flatten, w.leaf, out, fmt, durable=False)
+    res = benchmark(flatten, w.leaf, out, fmt, durable=False, fs_aware=False, overwrite=True)
     assert res.virtual_size == w.virtual_size
     gbps(benchmark, w.virtual_size)
 

@@ -47,7 +47,7 @@ def test_image_to_directory(benchmark, workloads, tmp_path, request):
 
     def run(url):
         state["res"] = create_image(w.leaf, url, threads=2, segment_size=SEGMENT,
-                                    store_options={"fsync": False})
+                                    store_options={"fsync": False}, fs_aware=False)
 
     benchmark.pedantic(run, setup=setup, rounds=_rounds(request), iterations=1)
     res = state["res"]
@@ -102,7 +102,7 @@ def test_image_to_swift(benchmark, workloads, tmp_path, request, swift_container
         return (f"swift://{swift_container}/image-{state['i']}",), {}
 
     def run(url):
-        state["res"] = create_image(w.leaf, url, threads=2, state_dir=tmp_path)
+        state["res"] = create_image(w.leaf, url, threads=2, state_dir=tmp_path, fs_aware=False)
 
     benchmark.pedantic(run, setup=setup, rounds=_rounds(request), iterations=1)
     res = state["res"]

@@ -3,8 +3,10 @@
     python docs/gen_cli.py           # rewrite docs/cli.md
     python docs/gen_cli.py --check   # exit 1 if docs/cli.md is not what the parser says
 
-The page is built from ``vhdcore.cli.build_parser()`` alone, so it cannot
-describe an option the parser does not have.  The synopsis lines are rendered
+The page is built from ``vhdcore.cli.build_parser()`` (options, descriptions,
+examples, mutually exclusive options) and ``vhdcore.imaging.EVENT_FIELDS`` (the
+JSON event schema) alone, so it cannot describe an option the parser does not
+have.  The synopsis lines are rendered
 here rather than by argparse, whose usage wrapping depends on the terminal
 width and the Python version.  tests/test_docs.py and the MkDocs hook
 (docs/hooks.py) both fail when the committed page is stale.
@@ -99,10 +101,27 @@ def _visible(parser: argparse.ArgumentParser) -> list[argparse.Action]:
             if a.help is not argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)]
 
 
-def _table(actions: list[argparse.Action]) -> list[str]:
+def _exclusions(parser: argparse.ArgumentParser) -> dict[int, list[str]]:
+    """For each option in a mutually exclusive group, the options it excludes."""
+    out: dict[int, list[str]] = {}
+    for group in parser._mutually_exclusive_groups:
+        for a in group._group_actions:
+            others = [o.option_strings[-1] for o in group._group_actions if o is not a]
+            out.setdefault(id(a), []).extend(others)
+    return out
+
+
+def _table(actions: list[argparse.Action],
+           exclusions: dict[int, list[str]] | None = None) -> list[str]:
     lines = ["| argument | meaning |", "| --- | --- |"]
     for a in actions:
-        lines.append(f"| `{_arg_form(a)}` | {_describe(a)} |")
+        text = _describe(a)
+        excl = (exclusions or {}).get(id(a))
+        if excl:
+            if text and not text.endswith("."):
+                text += "."
+            text += (" " if text else "") + "Not with " + ", ".join(f"`{o}`" for o in excl) + "."
+        lines.append(f"| `{_arg_form(a)}` | {text} |")
     return lines
 
 
@@ -148,10 +167,39 @@ def render(parser: argparse.ArgumentParser | None = None) -> str:
         if helps.get(name):
             text = helps[name]
             out += [text[0].upper() + text[1:] + ("" if text.endswith(".") else "."), ""]
+        if sp.description:
+            out += [sp.description, ""]
         out += ["```text", " ".join(synopsis), "```", ""]
         if actions:
-            out += _table(positionals + required + optional) + [""]
+            out += _table(positionals + required + optional, _exclusions(sp)) + [""]
+        examples = _examples(sp)
+        if examples:
+            out += ["Examples:", "", "```console"] + examples + ["```", ""]
+    out += _event_schema()
     return "\n".join(out).rstrip("\n") + "\n"
+
+
+def examples_of(parser: argparse.ArgumentParser) -> list[str]:
+    """The example command lines (``$ vhdcore ...``) of a subcommand's epilog."""
+    return [line.strip() for line in (parser.epilog or "").splitlines()
+            if line.strip().startswith("$ ")]
+
+
+_examples = examples_of
+
+
+def _event_schema() -> list[str]:
+    from vhdcore.imaging import EVENT_FIELDS, EVENT_VERSION
+
+    out = ["## JSON progress events", "",
+           f"`vhdcore image --json` (and `vhdcore demo --json`) print one JSON object per line "
+           f"on standard output. Progress lines have this schema, version {EVENT_VERSION}; a "
+           "field's meaning never changes within a version.", "",
+           "| field | type | meaning |", "| --- | --- | --- |"]
+    for name, typ, meaning in EVENT_FIELDS:
+        out.append(f"| `{name}` | {typ} | {meaning.replace('|', chr(92) + '|')} |")
+    out.append("")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -162,32 +162,34 @@ def coalesce_scenario(base: str, grow: bool, relink: bool, larger: bool = False,
 
 
 def relink_scenario() -> Scenario:
-    """``relink`` (the function behind ``coalesce --relink``; this branch has
-    no separate command): after the child was coalesced, its child is
-    re-pointed at the parent.  It points at one or the other, never at a
-    mixture, reads the same, and passes check; a re-run finishes."""
+    """``relink``: the child's parent was copied elsewhere (same UUID) and
+    the child is re-pointed at the copy.  It points at one or the other,
+    never at a mixture, reads the same, and passes check; a re-run
+    finishes."""
+    import shutil
+
     from vhdcore.coalesce import relink
 
     def make(root: Path):
         views = _coalesce_chain(root, "dynamic", True, 1)
-        coalesce(root / "c.vhd", siblings=(), relink_children=())
-        g = root / "g1.vhd"
+        shutil.copyfile(root / "d0.vhd", root / "d0-moved.vhd")
+        c = root / "c.vhd"
 
         def run() -> None:
-            relink(g, root / "d0.vhd")
+            relink(c, root / "d0-moved.vhd")
 
         def check(where: str, done: bool) -> None:
-            assert errors_of(check_chain(g)) == [], "fails check"
-            with Chain.open(g) as c:
-                parent = os.path.basename(c.layers[1].path)
-            assert parent in ("c.vhd", "d0.vhd")
+            assert errors_of(check_chain(c)) == [], "fails check"
+            with Chain.open(c) as ch:
+                parent = os.path.basename(ch.layers[1].path)
+            assert parent in ("d0.vhd", "d0-moved.vhd")
             if done:
-                assert parent == "d0.vhd", "a finished relink was lost"
-                assert check_file(g) == [], "not clean after a finished relink"
-            assert read_all(g) == views["g1.vhd"], "reads differently"
-            relink(g, root / "d0.vhd")
-            os.unlink(root / "c.vhd")
-            assert read_all(g) == views["g1.vhd"], "reads differently after a re-run"
+                assert parent == "d0-moved.vhd", "a finished relink was lost"
+                assert check_file(c) == [], "not clean after a finished relink"
+            assert read_all(c) == views["c.vhd"], "reads differently"
+            relink(c, root / "d0-moved.vhd")
+            os.unlink(root / "d0.vhd")
+            assert read_all(c) == views["c.vhd"], "reads differently after a re-run"
         return run, check
     return make
 
@@ -496,7 +498,7 @@ SCENARIOS: dict[str, tuple[Scenario, int | None]] = {
     "coalesce --relink (resumed in fixed growth)": (
         coalesce_scenario("fixed", True, True, resume_growth=True), None),
     "coalesce --relink (larger chain)": (coalesce_scenario("dynamic", False, True, True), 15),
-    "relink (function; no relink command here)": (relink_scenario(), None),
+    "relink": (relink_scenario(), None),
     "write (differencing)": (write_scenario("differencing"), None),
     "write (dynamic)": (write_scenario("dynamic"), None),
     "VhdFile.write_block + flush (API)": (write_block_scenario(), None),

@@ -213,7 +213,7 @@ def test_flatten_faults(tmp_path, fmt):
     assert read_all(template / leaf) == model
 
     def op(d: Path) -> None:
-        flatten(d / leaf, d / "out.img", fmt)
+        flatten(d / leaf, d / "out.img", fmt, overwrite=True)
 
     def after_fault(d: Path, exc: BaseException | None) -> None:
         assert read_all(d / leaf) == model
@@ -237,7 +237,7 @@ def test_compact_faults(tmp_path, which):
     want = read_all(template / src)
 
     def op(d: Path) -> None:
-        compact(d / src, d / "out.vhd")
+        compact(d / src, d / "out.vhd", overwrite=True)
 
     def after_fault(d: Path, exc: BaseException | None) -> None:
         assert read_all(d / src) == want

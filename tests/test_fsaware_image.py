@@ -226,7 +226,7 @@ def test_flatten_fs_aware(tmp_path):
     names = sorted(shas)
     ext_rm(img, names[:9])
     leaf = lay_down([img], tmp_path / "chain")
-    plain = co.flatten(leaf, tmp_path / "plain.vhd")
+    plain = co.flatten(leaf, tmp_path / "plain.vhd", fs_aware=False)
     aware = co.flatten(leaf, tmp_path / "aware.vhd", fs_aware=True)
     assert aware.sectors_stored < plain.sectors_stored * 0.5
     co.flatten(tmp_path / "aware.vhd", tmp_path / "aware.raw", "raw")

@@ -23,21 +23,11 @@ from vhdcore.disk import VhdFile
 
 pytestmark = pytest.mark.skipif(not supported(), reason="cannot map a file descriptor to its path here")
 
-#: the image over a previous one rewrites the segments the old manifest
-#: names (the directory store has no image generations yet): the previous
-#: image breaks even when the process is merely killed
-KNOWN_BROKEN = {"image (over a previous image)":
-                "re-imaging overwrites the previous image's segments in place"}
-
-
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_power_cut(tmp_path, name):
     _, points = SCENARIOS[name]
     st = run_scenario(name, tmp_path / "w", points=points, subsets=2, seed=1)
     print(st.line())
-    if name in KNOWN_BROKEN:
-        if st.violations:
-            pytest.xfail(KNOWN_BROKEN[name])
     assert st.points >= min(points or st.operations, st.operations) > 0
     assert st.variants >= st.points
     assert st.violations == []
@@ -46,7 +36,7 @@ def test_power_cut(tmp_path, name):
 #: scenarios also run with each 512-byte sector kept or lost on its own (the
 #: smallest unit storage writes whole): metadata written side by side, such
 #: as a relocated header and the footer after it, may then part
-SECTOR_SCENARIOS = ["relink (function; no relink command here)", "coalesce --relink (grow, BAT moves)",
+SECTOR_SCENARIOS = ["relink", "coalesce --relink (grow, BAT moves)",
                     "write (differencing)", "repair (older footer where the data ends)"]
 
 

@@ -147,7 +147,7 @@ def test_wrong_sha256_is_an_integrity_error_and_output_removed(tmp_path: Path, s
     out = tmp_path / "out.vhd"
     out.write_bytes(b"previous")
     with pytest.raises(IntegrityError, match="SHA-256"):
-        restore(store, out)
+        restore(store, out, overwrite=True)
     assert out.read_bytes() == b"previous"  # the old file is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.manifest.json", "img.segments", "out.vhd"]
 

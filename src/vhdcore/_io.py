@@ -15,8 +15,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 __all__ = ["pwrite_all", "fsync", "ftruncate", "replace", "unlink", "fsync_dir", "atomic_write",
-           "create_temp",
-           "FaultPlan", "inject", "SimulatedCrash"]
+           "create_temp", "FILE_MODE", "PRIVATE_MODE", "FaultPlan", "inject", "SimulatedCrash"]
+
+#: mode of every new file vhdcore writes: the process umask decides (like cp
+#: or qemu-img); only job state and checkpoints use PRIVATE_MODE
+FILE_MODE = 0o666
+PRIVATE_MODE = 0o600
 
 
 class SimulatedCrash(BaseException):
@@ -176,7 +180,7 @@ def create_temp(directory: str, prefix: str, suffix: str, *,
     makes 0600); return its write descriptor and path."""
     import secrets
 
-    mode = 0o600 if private else 0o666
+    mode = PRIVATE_MODE if private else FILE_MODE
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
         path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")

@@ -445,10 +445,12 @@ class _Bench:
         out_dir = self.work / "flat"
         out_dir.mkdir(exist_ok=True)
         flat_vhd = out_dir / "peer-input.vhd"
-        flatten(w.leaf, flat_vhd, "vhd", durable=False)
+        flatten(w.leaf, flat_vhd, "vhd", durable=False, fs_aware=False, overwrite=True)
         ops: dict[str, Callable[[Path], object]] = {
-            "raw": lambda out: flatten(w.leaf, out, "raw", durable=False, threads=THREADS),
-            "vhd": lambda out: flatten(w.leaf, out, "vhd", durable=False, threads=THREADS),
+            "raw": lambda out: flatten(w.leaf, out, "raw", durable=False, threads=THREADS,
+                                       fs_aware=False, overwrite=True),
+            "vhd": lambda out: flatten(w.leaf, out, "vhd", durable=False, threads=THREADS,
+                                       fs_aware=False, overwrite=True),
         }
         qemu = shutil.which("qemu-img")
         qemu_note = "qemu-img is not installed"
@@ -637,7 +639,7 @@ class _Bench:
 
         def run(url: str) -> None:
             res_holder.append(create_image(w.leaf, url, threads=THREADS, segment_size=SEGMENT,
-                                           store_options={"fsync": False}))
+                                           store_options={"fsync": False}, fs_aware=False))
 
         def cleanup() -> None:
             shutil.rmtree(self.work / f"image-{counter['i']}", ignore_errors=True)
@@ -733,9 +735,9 @@ th.start()
 what, leaf, dest = sys.argv[1:4]
 t = time.perf_counter()
 if what == "flatten":
-    flatten(leaf, dest, "vhd", durable=False)
+    flatten(leaf, dest, "vhd", durable=False, fs_aware=False, overwrite=True)
 else:
-    create_image(leaf, dest, store_options={"fsync": False})
+    create_image(leaf, dest, store_options={"fsync": False}, fs_aware=False, replace=True)
 seconds = time.perf_counter() - t
 stop.set()
 th.join()

@@ -488,7 +488,7 @@ class Chain:
         data = aligned_buffer(self.block_size)
         bm = bytearray(self.bitmap_size)
         tmp = path + ".part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _io.FILE_MODE)
         try:
             _io.ftruncate(fd, self.virtual_size)
             for blk in self.allocated_blocks():

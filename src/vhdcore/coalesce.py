@@ -37,6 +37,7 @@ from ._version import __version__
 from .chain import Chain, _drop_pages, aligned_buffer
 from .disk import PathLike, VhdFile
 from .errors import (
+    OutputExistsError,
     CheckpointError,
     CoalesceError,
     FormatError,
@@ -332,7 +333,7 @@ class FlattenResult:
 def flatten(leaf: PathLike, out: PathLike, format: str = "vhd", *, threads: int = 2,
             progress: Progress | None = None, free_map: FreeMap | None = None,
             chain_options: dict[str, Any] | None = None, durable: bool = True,
-            fs_aware: bool = False) -> FlattenResult:
+            fs_aware: bool = True, overwrite: bool = False) -> FlattenResult:
     """Write the leaf's whole virtual disk, read once through its chain, as one
     standalone image: ``"vhd"`` (sparse dynamic VHD: no all-zero block, bitmap
     bits only for sectors with data), ``"fixed"`` (fixed VHD) or ``"raw"``.
@@ -340,9 +341,13 @@ def flatten(leaf: PathLike, out: PathLike, format: str = "vhd", *, threads: int 
     The output is written to ``out + ".part"`` and renamed when complete
     (after an fsync unless ``durable`` is False).
 
-    ``fs_aware``: blocks that the guest's filesystems mark entirely free are
-    not stored and free sectors of partly used blocks are written as zeros
-    (see :mod:`vhdcore.fsmap`; filesystems it cannot trust are kept whole).
+    ``fs_aware`` (the default, as for imaging): blocks that the guest's
+    filesystems mark entirely free are not stored and free sectors of partly
+    used blocks are written as zeros (see :mod:`vhdcore.fsmap`; filesystems
+    it cannot trust are kept whole).  ``fs_aware=False`` keeps every sector.
+
+    An existing ``out`` is refused (:class:`~vhdcore.errors.OutputExistsError`)
+    unless ``overwrite``.
     """
     if format not in ("vhd", "fixed", "raw"):
         raise VhdError(f"unknown output format {format!r} (vhd, fixed or raw)")
@@ -351,11 +356,12 @@ def flatten(leaf: PathLike, out: PathLike, format: str = "vhd", *, threads: int 
     with Chain.open(leaf, **(chain_options or {})) as chain:
         if os.path.exists(out) and any(os.path.samefile(out, ly.path) for ly in chain.layers):
             raise CoalesceError(f"{out}: the output would overwrite a disk of the chain")
+        _refuse_existing(out, overwrite)
         vsize = chain.virtual_size
         total = vsize
         if fs_aware and free_map is None:
             free_map, _ = fs_free_map(chain)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, _io.FILE_MODE)
         stored: list[int] = []
         sectors = 0
         written = 0
@@ -408,6 +414,11 @@ def flatten(leaf: PathLike, out: PathLike, format: str = "vhd", *, threads: int 
         if progress is not None:
             progress(total, total)
     return FlattenResult(out, format, vsize, len(stored), sectors, written)
+
+
+def _refuse_existing(out: str, overwrite: bool) -> None:
+    if not overwrite and os.path.lexists(out):
+        raise OutputExistsError(f"{out} already exists; pass --force (overwrite=True) to replace it")
 
 
 def _unlink_quiet(path: str) -> None:
@@ -463,7 +474,7 @@ def _fingerprint_parent(vhd: VhdFile) -> str:
 
 
 def _write_json_atomic(path: str, obj: dict[str, Any], durable: bool = True) -> None:
-    _io.atomic_write(path, json.dumps(obj, indent=1).encode(), durable=durable)
+    _io.atomic_write(path, json.dumps(obj, indent=1).encode(), durable=durable, private=True)
 
 
 @dataclass
@@ -1288,7 +1299,8 @@ def _relink_unchecked(grandchild: PathLike, new_parent: PathLike, *,
 # --------------------------------------------------------------------------
 def compact(vhd: PathLike, out: PathLike, *, threads: int = 2,
             progress: Progress | None = None,
-            chain_options: dict[str, Any] | None = None) -> FlattenResult:
+            chain_options: dict[str, Any] | None = None,
+            overwrite: bool = False) -> FlattenResult:
     """Rewrite one VHD without the blocks that hold nothing.
 
     A fixed or dynamic disk becomes a sparse dynamic VHD without all-zero
@@ -1299,14 +1311,17 @@ def compact(vhd: PathLike, out: PathLike, *, threads: int = 2,
     ``parent`` included) and the copy's locators name it from the output's
     directory; when the parent cannot be found the copy is refused, unless it
     goes to the input's own directory (then the locators are kept as they are).
+    An existing ``out`` is refused unless ``overwrite``.
     """
     vhd = os.fspath(vhd)
     out = os.fspath(out)
     with VhdFile.open(vhd) as src:
         if not src.is_differencing:
-            return flatten(vhd, out, "vhd", threads=threads, progress=progress)
+            return flatten(vhd, out, "vhd", threads=threads, progress=progress, fs_aware=False,
+                           overwrite=overwrite)
         if os.path.exists(out) and os.path.samefile(out, vhd):
             raise CoalesceError(f"{out}: compact cannot write over its input")
+        _refuse_existing(out, overwrite)
         h = src.header
         assert h is not None and src.bat is not None
         from .disk import parent_locator_blobs
@@ -1324,7 +1339,9 @@ def compact(vhd: PathLike, out: PathLike, *, threads: int = 2,
                     "directory could not name it; name it with --parent, or compact into "
                     f"{os.path.dirname(os.path.abspath(vhd))}") from None
         tmp = out + ".part"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        # copy the header's parent identity and locators (paths stay relative
+        # only when the output sits in the same directory)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, _io.FILE_MODE)
         os.close(fd)
         try:
             layout = DynamicLayout(src.virtual_size, src.block_size)

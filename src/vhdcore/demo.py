@@ -51,11 +51,11 @@ def run_demo(workdir: str | None = None, *, size: int = 384 * MiB, threads: int 
         target = "file://" + os.path.join(work, "images", "demo-image")
         os.makedirs(os.path.join(work, "images"), exist_ok=True)
         say(f"imaging {wl.leaf.name} ({files // MiB} MiB of VHD files) to {target} ...")
-        res = create_image(wl.leaf, target, threads=threads, progress=progress)
+        res = create_image(wl.leaf, target, threads=threads, progress=progress, replace=True)
         restored = os.path.join(work, "restored.vhd")
         say("restoring the image and comparing it with the chain ...")
         t = time.perf_counter()
-        restore(target, restored)
+        restore(target, restored, overwrite=True)
         restore_s = time.perf_counter() - t
         want, got = _digest(str(wl.leaf)), _digest(restored)
         if want != got:

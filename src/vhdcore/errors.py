@@ -25,6 +25,7 @@ __all__ = [
     "UploadError",
     "VhdTimeoutError",
     "JobStateError",
+    "OutputExistsError",
 ]
 
 
@@ -107,3 +108,8 @@ class VhdTimeoutError(VhdError, TimeoutError):
 
 class JobStateError(VhdError):
     """An imaging job state file is damaged or belongs to another job."""
+
+
+class OutputExistsError(VhdError, FileExistsError):
+    """The output file or stored image already exists and the caller did not
+    ask to overwrite it (``--force``, or ``--replace`` for a stored image)."""

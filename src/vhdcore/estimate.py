@@ -26,7 +26,7 @@ GB = 10**9
 
 
 def estimate(leaf: PathLike, *, threads: int = 2, sample_blocks: int = 48,
-             upload_rate: float | None = None, fs_aware: bool = False,
+             upload_rate: float | None = None, fs_aware: bool = True,
              free_map: FreeMap | None = None,
              chain_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Scan the chain and predict the image: sizes per layer, bytes left after
@@ -35,6 +35,11 @@ def estimate(leaf: PathLike, *, threads: int = 2, sample_blocks: int = 48,
 
     ``upload_rate`` (bytes/s) caps the predicted upload speed (default: the
     upload keeps up with compression, as on a local directory target).
+
+    ``fs_aware`` has the default of :func:`~vhdcore.imaging.create_image`,
+    so the estimate is of what ``image`` stores with the same option; with it,
+    the figures without filesystem awareness are reported too
+    (``without_fs_aware``).
     """
     with Chain.open(leaf, **(chain_options or {})) as chain:
         layers: list[dict[str, Any]] = []

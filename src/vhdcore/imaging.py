@@ -50,7 +50,14 @@ from .chain import Chain
 from .coalesce import DynamicLayout, FreeMap, fs_free_map, iter_image_blocks
 from .compress import compress_frame, frame_bound
 from .disk import PathLike
-from .errors import IntegrityError, JobStateError, VhdTimeoutError
+from .errors import (
+    IntegrityError,
+    JobStateError,
+    OutputExistsError,
+    StoreError,
+    StoreNotFoundError,
+    VhdTimeoutError,
+)
 from .store import SegmentUploader, choose_segment_size, image_metadata, open_store
 from .store.base import Store
 
@@ -62,6 +69,7 @@ __all__ = [
     "STAGES",
     "STAGE_PERCENT",
     "STREAM_FORMAT",
+    "EVENT_VERSION",
 ]
 
 #: the stages of a job and the percentage the imaging service publishes for each
@@ -70,6 +78,34 @@ STAGE_PERCENT = {"queued": 0, "coalescing": 25, "uploading": 50, "done": 100}
 #: identifies the layout of the image stream (a change makes old states invalid)
 STREAM_FORMAT = "vhd-dynamic-ascending/1"
 STATE_VERSION = 1
+#: version of the JSON form of a ProgressEvent (``vhdcore image --json``);
+#: raised when a field changes meaning or disappears
+EVENT_VERSION = 1
+#: the rate is measured over this many seconds of progress, and reported
+#: only once a stage has run for RATE_MIN_SECONDS
+RATE_WINDOW_SECONDS = 5.0
+RATE_MIN_SECONDS = 1.0
+#: the fields of one ``"event": "progress"`` line of ``vhdcore image --json``
+#: (schema version EVENT_VERSION): name, JSON type, meaning.  docs/cli.md is
+#: generated from this table and a test checks the emitted lines against it.
+EVENT_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("event", "string", '"progress" (other lines: "error" with exit_code, error, message and '
+                        'resumable; "result" with the ImageResult fields)'),
+    ("version", "integer", f"schema version of the line, {EVENT_VERSION}"),
+    ("stage", "string", "queued, coalescing, uploading, done or failed"),
+    ("percent", "integer", "the published figure of the stage: 0, 25, 50, 100"),
+    ("fraction", "number", "progress inside the stage, 0 to 1 (bytes_done / bytes_total)"),
+    ("bytes_done", "integer", "bytes of the stage done (coalescing: virtual disk; uploading: "
+                              "image stream)"),
+    ("bytes_total", "integer", "bytes of the stage in all"),
+    ("blocks_done", "integer", "blocks of the stage done"),
+    ("blocks_total", "integer", "blocks of the stage in all"),
+    ("rate", "number", f"bytes per second over the last {RATE_WINDOW_SECONDS:g} s; absent "
+                       "until the stage has run long enough for it to mean something"),
+    ("eta", "number", "seconds until the job is done; absent while unknown"),
+    ("elapsed", "number", "seconds since the job started"),
+    ("message", "string", "what the job is doing, or why it failed"),
+)
 
 
 @dataclass
@@ -79,8 +115,9 @@ class ProgressEvent:
     ``percent`` is the published figure of the stage (25, 50, 100);
     ``fraction`` is the fine progress inside the stage (0..1) computed from
     ``bytes_done``/``bytes_total``.  ``rate`` is bytes per second in this
-    stage; ``eta`` the estimated seconds until the job is done (None while
-    unknown).
+    stage, measured over the last few seconds (None until the stage has run
+    long enough for it to mean something); ``eta`` the estimated seconds
+    until the job is done (None while unknown).
     """
 
     stage: str
@@ -89,7 +126,7 @@ class ProgressEvent:
     bytes_total: int = 0
     blocks_done: int = 0
     blocks_total: int = 0
-    rate: float = 0.0
+    rate: float | None = None
     eta: float | None = None
     elapsed: float = 0.0
     message: str = ""
@@ -100,11 +137,19 @@ class ProgressEvent:
         return self.bytes_done / self.bytes_total if self.bytes_total else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        """The event as a JSON-ready dict (one line of ``vhdcore image --json``)."""
-        d = asdict(self)
+        """The event as a JSON-ready dict (one line of ``vhdcore image
+        --json``, schema version :data:`EVENT_VERSION`; ``rate`` and ``eta``
+        are left out while unknown)."""
+        d: dict[str, Any] = {"version": EVENT_VERSION, **asdict(self)}
         d["fraction"] = round(self.fraction, 6)
-        d["rate"] = round(self.rate, 1)
-        d["eta"] = None if self.eta is None else round(self.eta, 2)
+        if self.rate is None:
+            del d["rate"]
+        else:
+            d["rate"] = round(self.rate, 1)
+        if self.eta is None:
+            del d["eta"]
+        else:
+            d["eta"] = round(self.eta, 2)
         d["elapsed"] = round(self.elapsed, 3)
         return d
 
@@ -220,14 +265,31 @@ class _Reporter:
         self.coalesce_rate: float | None = None
         self.upload_estimate: float | None = None
         self.last_event: ProgressEvent | None = None
+        # (time, bytes_done) samples of the current stage, for the rate
+        self.samples: deque[tuple[float, int]] = deque()
 
     def enter(self, stage: str, message: str = "", **kw: int) -> None:
         if self.stage == "coalescing" and stage != "coalescing" and self.last_event:
-            el = time.monotonic() - self.stage_t0
-            self.coalesce_rate = self.last_event.bytes_done / el if el > 0 else None
+            self.coalesce_rate = self.last_event.rate
         self.stage = stage
         self.stage_t0 = time.monotonic()
+        self.samples.clear()
         self.emit(force=True, message=message, **kw)
+
+    def _rate(self, now: float, bytes_done: int) -> float | None:
+        """Bytes per second over the last RATE_WINDOW_SECONDS of this stage,
+        None until the stage has run RATE_MIN_SECONDS (a rate over a few
+        milliseconds -- or over bytes a resumed job skipped -- means nothing)."""
+        s = self.samples
+        if not s or bytes_done != s[-1][1] or now - s[-1][0] >= 0.1:
+            s.append((now, bytes_done))
+        while len(s) > 2 and now - s[1][0] >= RATE_WINDOW_SECONDS:
+            s.popleft()
+        t_first, b_first = s[0]
+        span = now - t_first
+        if span < RATE_MIN_SECONDS or now - self.stage_t0 < RATE_MIN_SECONDS:
+            return None
+        return max(0.0, (bytes_done - b_first) / span)
 
     def emit(self, *, force: bool = False, message: str = "", bytes_done: int = 0,
              bytes_total: int = 0, blocks_done: int = 0, blocks_total: int = 0,
@@ -236,10 +298,9 @@ class _Reporter:
         if not force and now - self.last < self.interval:
             return
         self.last = now
-        el = now - self.stage_t0
-        rate = bytes_done / el if el > 0 and bytes_done else 0.0
+        rate = self._rate(now, bytes_done)
         eta: float | None = None
-        if rate > 0 and bytes_total:
+        if rate and bytes_total:
             eta = (bytes_total - bytes_done) / rate
             if self.stage == "coalescing" and upload_total:
                 # assume the upload stage runs at about a third of the scan
@@ -261,10 +322,11 @@ def create_image(leaf: PathLike, target_url: str, *, threads: int = 2,
                  segment_size: int | None = None, timeout: float | None = None,
                  coalesce_timeout: float | None = None, resume: bool = False,
                  restart: bool = False, state_dir: PathLike | None = None,
-                 progress: ProgressCallback | None = None, fs_aware: bool = False,
+                 progress: ProgressCallback | None = None, fs_aware: bool = True,
                  free_map: FreeMap | None = None, chain_options: dict[str, Any] | None = None,
                  store_options: dict[str, Any] | None = None,
-                 extra_metadata: dict[str, str] | None = None) -> ImageResult:
+                 extra_metadata: dict[str, str] | None = None,
+                 replace: bool = False) -> ImageResult:
     """Image the chain of ``leaf`` to ``target_url`` (``file://``,
     ``swift://``, ``s3://``).  See the module docstring for the stages.
 
@@ -275,8 +337,17 @@ def create_image(leaf: PathLike, target_url: str, *, threads: int = 2,
     ``restart=True`` discards an old state.  Without either, an existing state
     is an error (so a job is never resumed or discarded by accident).
 
-    ``fs_aware`` drops what the guest's filesystems mark free (see
-    :mod:`vhdcore.fsmap`); ``free_map`` supplies such a map directly.
+    ``fs_aware`` (the default, as for :func:`~vhdcore.coalesce.flatten`
+    and :func:`~vhdcore.estimate.estimate`) drops what the guest's
+    filesystems mark free (see :mod:`vhdcore.fsmap`); ``free_map`` supplies
+    such a map directly.
+
+    Before anything is read or recorded the target is checked (credentials,
+    reachability; a missing ``file://`` directory is created with its
+    parents, a missing Swift container and segment container are created), so
+    a job that cannot start leaves no job state behind.  An image that
+    already exists at ``target_url`` is refused
+    (:class:`~vhdcore.errors.OutputExistsError`) unless ``replace``.
 
     The source chain is only read.
     """
@@ -294,7 +365,7 @@ def create_image(leaf: PathLike, target_url: str, *, threads: int = 2,
     try:
         return _run(chain, store, target_url, rep, t0, deadline, coalesce_timeout, threads,
                     compress_threads or threads, concurrency, segment_size, resume, restart,
-                    state_dir, fs_aware, free_map, extra_metadata or {}, stage_seconds)
+                    state_dir, fs_aware, free_map, extra_metadata or {}, stage_seconds, replace)
     except BaseException as exc:
         rep.stage = "failed"
         rep.emit(force=True, message=str(exc) or type(exc).__name__)
@@ -308,26 +379,34 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
          deadline: float | None, coalesce_timeout: float | None, threads: int,
          compress_threads: int, concurrency: int, segment_size: int | None, resume: bool,
          restart: bool, state_dir: PathLike | None, fs_aware: bool, free_map: FreeMap | None,
-         extra_metadata: dict[str, str], stage_seconds: dict[str, float]) -> ImageResult:
+         extra_metadata: dict[str, str], stage_seconds: dict[str, float],
+         replace: bool = False) -> ImageResult:
     options = {"block_size": chain.block_size, "fs_aware": bool(fs_aware or free_map)}
     identity = _chain_identity(chain)
     job_id = _job_id(identity, target_url, options)
     spath = job_state_path(target_url, state_dir)
     old = _load_state(spath)
     resume_hint = f"run the same command with --resume to continue (job state: {spath})"
-    if old is not None and restart:
-        _remove_state(spath)
-        old = None
-    if old is not None and not resume:
+    if resume and restart:
+        raise JobStateError("--resume and --restart exclude each other")
+    if old is not None and not resume and not restart:
         raise JobStateError(
             f"an interrupted job to {target_url} left its state in {spath}; run with --resume "
             "to continue it or --restart to start over")
     if old is None and resume:
         raise JobStateError(f"nothing to resume: no job state at {spath}")
-    if old is not None and old.get("job_id") != job_id:
+    if old is not None and resume and old.get("job_id") != job_id:
         raise JobStateError(
             f"{spath} belongs to another job (other source chain, target or options, or the "
             "chain changed since); run with --restart to start over")
+    # the target, before anything is recorded: a job that cannot start leaves
+    # no state behind (and nothing to resume)
+    store.prepare_write(create=True)
+    if not resume:
+        _refuse_existing_image(store, target_url, replace)
+    if old is not None and restart:
+        _remove_state(spath)
+        old = None
     state: dict[str, Any] = old or {
         "version": STATE_VERSION, "tool": f"vhdcore {__version__}", "job_id": job_id,
         "target": target_url, "leaf": os.path.abspath(chain.leaf.path), "chain": identity,
@@ -617,6 +696,24 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
         segments_skipped=stats.skipped_segments, sha256=digest,
         seconds=time.monotonic() - t0, stage_seconds=stage_seconds, resumed=resumed,
         metadata=dict(manifest.metadata))
+
+
+def _refuse_existing_image(store: Store, target_url: str, replace: bool) -> None:
+    """Raise :class:`OutputExistsError` when an image (or any object) is
+    already stored at the target and ``replace`` is not set."""
+    if replace:
+        return
+    try:
+        store.get_manifest()
+    except StoreNotFoundError:
+        return
+    except StoreError:
+        raise OutputExistsError(
+            f"{target_url}: something that is not a vhdcore image is stored there; "
+            "pass --replace (replace=True) to replace it") from None
+    raise OutputExistsError(
+        f"{target_url}: an image is already stored there; pass --replace (replace=True) to "
+        "replace it, or choose another name")
 
 
 def _fs_metadata(fs_info: dict[str, Any]) -> dict[str, str]:

@@ -37,6 +37,7 @@ __all__ = [
     "GiB",
     "SegmentInfo",
     "SegmentLimits",
+    "ImageEntry",
     "Manifest",
     "Store",
     "choose_segment_size",
@@ -141,6 +142,23 @@ class SegmentInfo:
     index: int
     size: int
     etag: str
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image found by :meth:`Store.list_images`: its ``name`` and ``url``,
+    ``size`` (bytes stored: the segments), ``segments``, ``modified`` (POSIX
+    seconds, or None when the target does not tell), ``complete`` (a manifest
+    exists) and ``virtual_size`` (from the metadata, None for an incomplete
+    image)."""
+
+    name: str
+    url: str
+    size: int
+    segments: int
+    modified: float | None
+    complete: bool
+    virtual_size: int | None = None
 
 
 class SegmentLimits(NamedTuple):
@@ -322,6 +340,20 @@ class Store(ABC):
     @abstractmethod
     def segment_limits(self) -> SegmentLimits:
         """``(min_segment_size, max_segment_size, max_segments)`` of this target."""
+
+    def prepare_write(self, *, create: bool = True) -> None:
+        """Check, before a job starts, that the target takes this image:
+        credentials accepted, endpoint reachable, the directory, container or
+        bucket there -- created (with its parents, or the Swift segment
+        container) when ``create`` and the target can.  Raises the usual
+        :class:`~vhdcore.errors.StoreError` subclasses.  The default lists
+        the image's segments."""
+        self.list_segments()
+
+    def list_images(self, prefix: str) -> list[ImageEntry]:
+        """Images (complete or not) whose names start with ``prefix`` in this
+        store's directory, container or bucket, by name."""
+        raise StoreError(f"{self.describe()}: listing images is not supported by this target")
 
     def describe(self) -> str:
         """The target, for messages (never includes credentials)."""

@@ -29,6 +29,7 @@ from ..errors import StoreError, StoreNotFoundError, UploadError
 from .base import (
     _GENERATION_RE,
     Buffer,
+    ImageEntry,
     Manifest,
     SegmentInfo,
     SegmentLimits,
@@ -53,7 +54,9 @@ def _atomic_write(path: Path, data: Buffer, fsync: bool) -> None:
 
 
 class DirectoryStore(Store):
-    """An image kept as files in a local directory (which must exist).
+    """An image kept as files in a local directory.  The directory must
+    exist, except that :meth:`prepare_write` (which the imaging job calls)
+    creates it with its parents, like ``mkdir -p``.
 
     ``fsync=False`` skips flushing to disk (faster, not crash-safe; for tests
     and benchmarks).
@@ -84,6 +87,54 @@ class DirectoryStore(Store):
     def _check_directory(self) -> None:
         if not self.directory.is_dir():
             raise StoreNotFoundError(f"{self.describe()}: directory {self.directory} does not exist")
+
+    def prepare_write(self, *, create: bool = True) -> None:
+        if create:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"{self.describe()}: cannot create the directory {self.directory}: "
+                    f"{exc.strerror or exc}"
+                ) from exc
+        self._check_directory()
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise StoreError(f"{self.describe()}: the directory {self.directory} is not writable")
+
+    def list_images(self, prefix: str) -> list[ImageEntry]:
+        self._check_directory()
+        base = "file://" + str(self.directory.resolve()).rstrip("/") + "/"
+        found: dict[str, ImageEntry] = {}
+        try:
+            names = sorted(os.listdir(self.directory))
+        except OSError as exc:
+            raise StoreError(f"listing {self.directory} failed: {exc.strerror or exc}") from exc
+        for entry in names:
+            if entry.endswith(".manifest.json") and entry.startswith(prefix):
+                name = entry[: -len(".manifest.json")]
+                img = DirectoryStore(self.directory, name, url=base + name)
+                try:
+                    man = img.get_manifest()
+                    mtime: float | None = img.manifest_path.stat().st_mtime
+                except (StoreError, OSError):
+                    continue
+                vs = man.metadata.get("virtual-size")
+                found[name] = ImageEntry(name, base + name, man.compressed_size, len(man.segments),
+                                         mtime, True, int(vs) if vs and vs.isdigit() else None)
+        for entry in names:
+            if entry.endswith(".segments") and entry.startswith(prefix):
+                name = entry[: -len(".segments")]
+                if name in found or not name:
+                    continue
+                img = DirectoryStore(self.directory, name, url=base + name)
+                segs = img.list_segments()
+                try:
+                    mtime = img.segments_dir.stat().st_mtime
+                except OSError:
+                    mtime = None
+                found[name] = ImageEntry(name, base + name, sum(s.size for s in segs.values()),
+                                         len(segs), mtime, False)
+        return [found[k] for k in sorted(found)]
 
     def _generation_dir(self, generation: str) -> Path:
         return self.segments_dir / generation if generation else self.segments_dir

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import _io
-from ..errors import IntegrityError, StoreError
+from ..errors import IntegrityError, OutputExistsError, StoreError
 from .base import META_CODEC, Manifest, SegmentInfo, Store, is_vhdcore_metadata
 
-__all__ = ["restore", "check_image_manifest"]
+__all__ = ["restore", "verify", "check_image_manifest"]
 
 _MD5_RE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -68,6 +68,83 @@ def _remove(path: str | None) -> None:
             pass
 
 
+def _download(
+    store: Store,
+    manifest: Manifest,
+    concurrency: int,
+    write: Callable[[bytes], object] | None,
+    progress: RestoreProgress | None,
+) -> str:
+    """Fetch every segment (``concurrency`` threads, at most ``2 *
+    concurrency`` in memory), check each MD5, decompress, hand the bytes to
+    ``write`` in order; check the stream's size and SHA-256 against the
+    metadata and return the digest."""
+    total = manifest.stream_size or 0
+    sha = hashlib.sha256()
+    written = 0
+    with concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="vhdcore-restore") as pool:
+        window: collections.deque[concurrent.futures.Future[list[bytes]]] = collections.deque()
+        segments = iter(manifest.segments)
+        try:
+            for seg in segments:
+                window.append(pool.submit(_fetch, store, seg))
+                if len(window) >= 2 * concurrency:
+                    break
+            while window:
+                parts = window.popleft().result()
+                nxt = next(segments, None)
+                if nxt is not None:
+                    window.append(pool.submit(_fetch, store, nxt))
+                for raw in parts:
+                    sha.update(raw)
+                    if write is not None:
+                        write(raw)
+                    written += len(raw)
+                if progress is not None:
+                    progress(written, total)
+        finally:
+            for fut in window:
+                fut.cancel()
+    if written != manifest.stream_size:
+        raise IntegrityError(
+            f"{store.describe()}: the stream has {written} bytes, the metadata says {manifest.stream_size}"
+        )
+    digest = sha.hexdigest()
+    if digest != manifest.sha256:
+        raise IntegrityError(
+            f"{store.describe()}: SHA-256 of the restored stream is {digest}, the metadata says {manifest.sha256}"
+        )
+    return digest
+
+
+def verify(
+    url: str | Store,
+    concurrency: int = 4,
+    *,
+    options: Mapping[str, Any] | None = None,
+    progress: RestoreProgress | None = None,
+) -> Manifest:
+    """Read every segment of the image at ``url`` and check it as
+    :func:`restore` does (each segment's MD5, the lz4 frames, the stream's
+    size and SHA-256) without writing anything.  Returns the manifest;
+    raises :class:`IntegrityError` for damaged data and
+    :class:`StoreNotFoundError` for a missing or incomplete image."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    from . import open_store
+
+    own = isinstance(url, str)
+    store = open_store(url, **(options or {})) if isinstance(url, str) else url
+    try:
+        manifest = store.get_manifest()
+        check_image_manifest(store, manifest)
+        _download(store, manifest, concurrency, None, progress)
+        return manifest
+    finally:
+        if own:
+            store.close()
+
+
 def restore(
     url: str | Store,
     out: str | os.PathLike[str],
@@ -76,6 +153,7 @@ def restore(
     *,
     options: Mapping[str, Any] | None = None,
     progress: RestoreProgress | None = None,
+    overwrite: bool = False,
 ) -> Manifest:
     """Download the image at ``url`` and write it to ``out``.
 
@@ -85,7 +163,9 @@ def restore(
     checked against the image metadata.  The output is written to a temporary
     file beside ``out`` and renamed only when everything matched; on any error
     it is removed.  Every write, fsync and rename goes through
-    :mod:`vhdcore._io`; the file gets mode 0666 less the umask.  ``format="raw"`` converts the VHD to a raw disk image
+    :mod:`vhdcore._io`; the file gets mode 0666 less the umask.  An existing
+    ``out`` is refused (:class:`~vhdcore.errors.OutputExistsError`) unless
+    ``overwrite``.  ``format="raw"`` converts the VHD to a raw disk image
     (:func:`vhdcore.disk.vhd_to_raw`).  ``options`` go to
     :func:`~vhdcore.store.open_store`.  Returns the manifest.
 
@@ -99,56 +179,32 @@ def restore(
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     from . import open_store
 
+    out_path = Path(out)
+    if not overwrite and os.path.lexists(out_path):
+        raise OutputExistsError(f"{out_path} already exists; pass --force (overwrite=True) to replace it")
     own = isinstance(url, str)
     store = open_store(url, **(options or {})) if isinstance(url, str) else url
-    out_path = Path(out)
     tmp_vhd: str | None = None
     tmp_raw: str | None = None
     try:
         manifest = store.get_manifest()
         check_image_manifest(store, manifest)
-        total = manifest.stream_size or 0
         out_dir = os.path.dirname(os.path.abspath(out_path))
         fd, tmp_vhd = _io.create_temp(out_dir, f".{out_path.name}.", ".partial")
-        sha = hashlib.sha256()
-        written = 0
+        pos = 0
+
+        def write(raw: bytes) -> None:
+            nonlocal pos
+            _io.pwrite_all(fd, raw, pos)
+            pos += len(raw)
+
         try:
-            with concurrent.futures.ThreadPoolExecutor(
-                concurrency, thread_name_prefix="vhdcore-restore"
-            ) as pool:
-                window: collections.deque[concurrent.futures.Future[list[bytes]]] = collections.deque()
-                segments = iter(manifest.segments)
-                try:
-                    for seg in segments:
-                        window.append(pool.submit(_fetch, store, seg))
-                        if len(window) >= 2 * concurrency:
-                            break
-                    while window:
-                        parts = window.popleft().result()
-                        nxt = next(segments, None)
-                        if nxt is not None:
-                            window.append(pool.submit(_fetch, store, nxt))
-                        for raw in parts:
-                            sha.update(raw)
-                            _io.pwrite_all(fd, raw, written)
-                            written += len(raw)
-                        if progress is not None:
-                            progress(written, total)
-                finally:
-                    for fut in window:
-                        fut.cancel()
+            _download(store, manifest, concurrency, write, progress)
             _io.fsync(fd)
         finally:
             os.close(fd)
-        if written != manifest.stream_size:
-            raise IntegrityError(
-                f"{store.describe()}: the stream has {written} bytes, the metadata says {manifest.stream_size}"
-            )
-        digest = sha.hexdigest()
-        if digest != manifest.sha256:
-            raise IntegrityError(
-                f"{store.describe()}: SHA-256 of the restored stream is {digest}, the metadata says {manifest.sha256}"
-            )
+        if not overwrite and os.path.lexists(out_path):
+            raise OutputExistsError(f"{out_path} appeared while restoring; it was left alone")
         if format == "vhd":
             _io.replace(tmp_vhd, os.fspath(out_path))
             tmp_vhd = None

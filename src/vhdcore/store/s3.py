@@ -40,6 +40,7 @@ from .base import (
     GiB,
     MiB,
     Buffer,
+    ImageEntry,
     Manifest,
     SegmentInfo,
     SegmentLimits,
@@ -116,7 +117,9 @@ class S3Store(Store):
             import boto3
             from botocore.config import Config
         except ImportError as exc:  # pragma: no cover - depends on the install
-            raise StoreError("s3:// targets need boto3: pip install 'vhdcore[s3]'") from exc
+            raise StoreError(
+                "s3:// targets need boto3, which is not installed: pip install 'vhdcore[s3]'"
+            ) from exc
         if not bucket or not key:
             raise StoreError(f"s3 URL needs a bucket and a key, got bucket={bucket!r} key={key!r}")
         super().__init__(url or f"s3://{bucket}/{key}", retry)
@@ -220,6 +223,60 @@ class S3Store(Store):
         except StoreNotFoundError:
             raise StoreNotFoundError(f"{self.describe()}: bucket {self.bucket!r} does not exist") from None
         self._bucket_checked = True
+
+    def prepare_write(self, *, create: bool = True) -> None:
+        self._check_bucket()
+
+    def list_images(self, prefix: str) -> list[ImageEntry]:
+        self._check_bucket()
+        found: dict[str, ImageEntry] = {}
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        objects: dict[str, dict[str, Any]] = {}
+        while True:
+            resp = self._call("listing objects", lambda: self._client.list_objects_v2(**kwargs))
+            for obj in resp.get("Contents", []):
+                objects[str(obj["Key"])] = obj
+            if not resp.get("IsTruncated"):
+                break
+            kwargs["ContinuationToken"] = resp.get("NextContinuationToken")
+        for key, obj in objects.items():
+            if not key.endswith(_RECORD_SUFFIX) or key[: -len(_RECORD_SUFFIX)] not in objects:
+                continue
+            name = key[: -len(_RECORD_SUFFIX)]
+            img = S3Store.__new__(S3Store)
+            img.__dict__.update(self.__dict__)
+            img.key, img.record_key, img.url = name, key, f"s3://{self.bucket}/{name}"
+            img._offsets = None
+            try:
+                man = img.get_manifest()
+            except StoreError:
+                continue
+            vs = man.metadata.get("virtual-size")
+            modified = objects[name].get("LastModified")
+            found[name] = ImageEntry(
+                name, img.url, man.compressed_size, len(man.segments),
+                modified.timestamp() if modified is not None else None, True,
+                int(vs) if vs and vs.isdigit() else None,
+            )
+        resp = self._call(
+            "listing multipart uploads",
+            lambda: self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix),
+        )
+        for upload in resp.get("Uploads", []):
+            name = str(upload.get("Key", ""))
+            if not name or name in found:
+                continue
+            img = S3Store.__new__(S3Store)
+            img.__dict__.update(self.__dict__)
+            img.key, img.record_key, img.url = name, name + _RECORD_SUFFIX, f"s3://{self.bucket}/{name}"
+            img._upload_id = str(upload["UploadId"])
+            segs = img.list_segments()
+            initiated = upload.get("Initiated")
+            found[name] = ImageEntry(
+                name, img.url, sum(s.size for s in segs.values()), len(segs),
+                initiated.timestamp() if initiated is not None else None, False,
+            )
+        return [found[k] for k in sorted(found)]
 
     def segment_limits(self) -> SegmentLimits:
         if self._limits is None:

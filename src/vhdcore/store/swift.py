@@ -41,6 +41,7 @@ from ..errors import StoreAuthError, StoreError, StoreNotFoundError, UploadError
 from .base import (
     GiB,
     Buffer,
+    ImageEntry,
     Manifest,
     SegmentInfo,
     SegmentLimits,
@@ -142,7 +143,9 @@ class SwiftStore(Store):
     request, default 60), ``retry`` (:class:`RetryPolicy`),
     ``segment_container`` (default ``<container>_segments``),
     ``create_container`` (create the image container if missing; default
-    False: a missing container is a :class:`StoreNotFoundError`).
+    False: a missing container is a :class:`StoreNotFoundError`;
+    :meth:`prepare_write`, which the imaging job calls, creates it as
+    ``swift upload`` does).
     """
 
     scheme = "swift"
@@ -164,7 +167,8 @@ class SwiftStore(Store):
             import swiftclient.client  # noqa: F401
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise StoreError(
-                "swift:// targets need python-swiftclient: pip install 'vhdcore[swift]'"
+                "swift:// targets need python-swiftclient, a dependency of vhdcore: "
+                "pip install python-swiftclient"
             ) from exc
         if not container or "/" in container:
             raise StoreError(f"invalid Swift container name {container!r}")
@@ -282,6 +286,58 @@ class SwiftStore(Store):
             headers = {}
         self._container_headers = dict(headers)
         return self._container_headers
+
+    def prepare_write(self, *, create: bool = True) -> None:
+        if create:
+            self.create_container = True
+        self._ensure_segment_container()
+
+    def list_images(self, prefix: str) -> list[ImageEntry]:
+        try:
+            _, listing = self._call(
+                f"listing container {self.container!r}",
+                lambda: self._conn().get_container(self.container, prefix=prefix or None, full_listing=True),
+            )
+        except StoreNotFoundError:
+            raise StoreNotFoundError(f"swift://{self.container}: container {self.container!r} does not exist") from None
+        found: dict[str, ImageEntry] = {}
+        for item in listing:
+            name = str(item.get("name", ""))
+            if item.get("content_type", "").split(";")[0] != _CONTENT_TYPE:
+                continue
+            img = SwiftStore.__new__(SwiftStore)
+            img.__dict__.update(self.__dict__)
+            img.name = name
+            img.url = f"swift://{self.container}/{name}"
+            img._manifest_paths = {}
+            try:
+                man = img.get_manifest()
+            except StoreError:
+                continue
+            vs = man.metadata.get("virtual-size")
+            found[name] = ImageEntry(
+                name, img.url, man.compressed_size, len(man.segments),
+                _swift_time(item.get("last_modified")), True, int(vs) if vs and vs.isdigit() else None,
+            )
+        try:
+            _, segs = self._call(
+                f"listing container {self.segment_container!r}",
+                lambda: self._conn().get_container(self.segment_container, prefix=prefix or None, full_listing=True),
+            )
+        except StoreNotFoundError:
+            segs = []
+        partial: dict[str, list[dict[str, Any]]] = {}
+        for item in segs:
+            name, _, tail = str(item.get("name", "")).rpartition("/")
+            if name and len(tail) == 8 and tail.isdigit() and name not in found:
+                partial.setdefault(name, []).append(item)
+        for name, items in partial.items():
+            times = [t for t in (_swift_time(i.get("last_modified")) for i in items) if t is not None]
+            found[name] = ImageEntry(
+                name, f"swift://{self.container}/{name}", sum(int(i.get("bytes", 0)) for i in items),
+                len(items), max(times) if times else None, False,
+            )
+        return [found[k] for k in sorted(found)]
 
     def _ensure_segment_container(self) -> None:
         if self._segment_container_ready:
@@ -551,3 +607,16 @@ class SwiftStore(Store):
             except Exception:
                 pass
         self._local = threading.local()
+
+
+def _swift_time(value: Any) -> float | None:
+    """A container listing's ``last_modified`` (ISO 8601, UTC) as POSIX seconds."""
+    import datetime
+
+    if not value:
+        return None
+    try:
+        dt = datetime.datetime.fromisoformat(str(value).rstrip("Z"))
+    except ValueError:
+        return None
+    return dt.replace(tzinfo=datetime.timezone.utc).timestamp()
