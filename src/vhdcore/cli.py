@@ -307,6 +307,15 @@ def _image_exit(exc: BaseException) -> int:
 def _image(ns: argparse.Namespace) -> int:
     from .imaging import create_image
 
+    if _repo_mode(ns):
+        from .repo.cli import run_image
+
+        ns._chain_options = _chain_options(ns)
+        return run_image(ns, _job_progress(ns))
+    if not ns.to:
+        print("vhdcore: error: image needs --to URL (or --repo URL --name NAME)",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         res = create_image(
             ns.leaf, ns.to, threads=ns.threads, concurrency=ns.concurrency,
@@ -340,6 +349,10 @@ def _image(ns: argparse.Namespace) -> int:
 def _restore(ns: argparse.Namespace) -> int:
     from .store import restore
 
+    if _repo_mode(ns):
+        from .repo.cli import run_restore
+
+        return run_restore(ns)
     try:
         man = restore(ns.url, ns.out, format=ns.format, concurrency=ns.concurrency)
     except (VhdError, OSError) as exc:
@@ -526,8 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("image", help="image a chain to a target: coalesce, compress, upload")
     s.add_argument("leaf")
-    s.add_argument("--to", required=True, metavar="URL",
+    s.add_argument("--to", metavar="URL",
                    help="file:///dir/name, swift://container/name or s3://bucket/key")
+    _repo_image_options(s)
     s.add_argument("--timeout", type=float, metavar="S",
                    help="stop after S seconds with a resumable state (exit 4)")
     s.add_argument("--coalesce-timeout", type=float, metavar="S",
@@ -551,8 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chain_options(s)
 
     s = sub.add_parser("restore", help="download an image, verify it, write a VHD or raw file")
-    s.add_argument("url")
+    s.add_argument("url", help="the image URL; with --repo: NAME[@ID] (newest without @ID)")
     s.add_argument("out")
+    _repo_option(s)
     s.add_argument("--format", choices=("vhd", "raw"), default="vhd")
     s.add_argument("--concurrency", type=int, default=4, help="parallel segment downloads")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -608,6 +623,93 @@ def build_parser() -> argparse.ArgumentParser:
 #: functions that add subcommands defined in other modules of this file's
 #: second half (kept apart for readability)
 _EXTRA_PARSERS: list[Callable[[Any], None]] = []
+
+
+# ------------------------------------------------------------------ repository (vhdcore.repo)
+def _repo_mode(ns: argparse.Namespace) -> bool:
+    """``--repo`` given, or ``$VHDCORE_REPO`` set and no single-object target
+    (``image`` without ``--to``; ``restore`` of a NAME rather than a URL)."""
+    if getattr(ns, "repo", None):
+        return True
+    if not os.environ.get("VHDCORE_REPO"):
+        return False
+    if ns.command == "image":
+        return not ns.to
+    if ns.command == "restore":
+        return "://" not in ns.url
+    return False
+
+
+def _repo_option(s: argparse.ArgumentParser) -> None:
+    from .repo.cli import add_repo_option
+
+    add_repo_option(s)
+
+
+def _repo_image_options(s: argparse.ArgumentParser) -> None:
+    from .repo.cli import add_image_options
+
+    add_image_options(s)
+
+
+def _register_repo(sub: Any) -> None:
+    from .repo import cli as rc
+
+    rc.add_repo_parser(sub)
+    for add in (rc.add_ls_parser, rc.add_verify_parser, rc.add_export_parser,
+                rc.add_forget_parser, rc.add_gc_parser):
+        add(sub)
+
+
+_EXTRA_PARSERS.append(_register_repo)
+
+
+@_command("repo")
+def _repo(ns: argparse.Namespace) -> int:
+    from .repo.cli import run_repo
+
+    return run_repo(ns)
+
+
+@_command("ls")
+def _ls(ns: argparse.Namespace) -> int:
+    from .repo.cli import repo_of, run_ls
+
+    if repo_of(ns) is None:
+        print("vhdcore: error: ls needs --repo URL (or VHDCORE_REPO)", file=sys.stderr)
+        return EXIT_USAGE
+    return run_ls(ns)
+
+
+@_command("verify")
+def _verify(ns: argparse.Namespace) -> int:
+    from .repo.cli import repo_of, run_verify
+
+    if repo_of(ns) is None:
+        print("vhdcore: error: verify needs --repo URL (or VHDCORE_REPO)", file=sys.stderr)
+        return EXIT_USAGE
+    return run_verify(ns)
+
+
+@_command("export")
+def _export(ns: argparse.Namespace) -> int:
+    from .repo.cli import run_export
+
+    return run_export(ns)
+
+
+@_command("forget")
+def _forget(ns: argparse.Namespace) -> int:
+    from .repo.cli import run_forget
+
+    return run_forget(ns)
+
+
+@_command("gc")
+def _gc(ns: argparse.Namespace) -> int:
+    from .repo.cli import run_gc
+
+    return run_gc(ns)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
