@@ -266,9 +266,11 @@ def _run(repo: Repository, chain: Chain, name: str, rep: Any, t0: float,
                 if len(raw) % 8 == 0:
                     pm = np.frombuffer(raw, dtype="<u8").astype(np.uint64)
             except StoreNotFoundError:
-                pm = None
+                pm = None if bman.get("fs_aware") else np.zeros(chain.nblocks, dtype=np.uint64)
             if rehash:
                 why = "--rehash: every chunk read and hashed"
+            elif bool(bman.get("fs_aware")) != bool(fs_aware):
+                why = "the previous image was made with another --fs-aware setting"
             else:
                 reuse, why = reusable_chunks(chain, identity, bman, cs, masks, pm)
                 ids[reuse] = prev_ids[reuse]
@@ -449,6 +451,9 @@ def _run(repo: Repository, chain: Chain, name: str, rep: Any, t0: float,
                 "command again to resume (stored chunks are not uploaded again)")
     except BaseException:
         raise
+    zr = (ids == 0).all(axis=1)  # never stored: read as zero, or never allocated
+    stats["zero"] = int(zr.sum())
+    nbytes["zero"] = int(lens[zr].sum())
     # ------------------------------------------------ commit: index, manifest
     newest = repo.images(name)
     image_id = new_image_id(after=newest[-1].id if newest else None)
