@@ -190,7 +190,8 @@ class Repository:
         if not parts:
             return np.empty(0, dtype=np.dtype((np.void, ID_SIZE)))
         allids = np.unique(np.concatenate(parts))
-        return allids[allids != np.void(ZERO_ID)]
+        out: np.ndarray = allids[allids != np.void(ZERO_ID)]
+        return out
 
     # ------------------------------------------------------------ leases
     def leases(self) -> list[dict[str, Any]]:

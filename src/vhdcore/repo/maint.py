@@ -45,7 +45,7 @@ def list_images(repo_url: str | None, name: str | None = None) -> list[dict[str,
     """One summary per committed image (oldest first): name, id, time, virtual
     size, new/reused/zero bytes, verify state, parent."""
     with open_repo(repo_url) as repo:
-        out = []
+        out: list[dict[str, Any]] = []
         for ref in repo.images(name):
             try:
                 m = repo.manifest(ref)
@@ -316,7 +316,7 @@ def verify(repo_url: str | None, ref: str | None = None, *, read_data: bool = Fa
                 res.missing.setdefault(bytes(m).hex(), []).append(str(r))
             res.images[str(r)] = "damaged" if len(miss) else "ok"
         if read_data:
-            allids = np.unique(np.concatenate(list(per_image.values()))) if per_image else []
+            allids: Any = np.unique(np.concatenate(list(per_image.values()))) if per_image else []
             bad: set[bytes] = set()
             for v in allids:
                 cid = bytes(v)

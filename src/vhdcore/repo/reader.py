@@ -100,7 +100,7 @@ def iter_stream(repo: Repository, man: dict[str, Any], ids: np.ndarray, *,
     uid = bytes.fromhex(stream["uuid"]) if isinstance(stream.get("uuid"), str) else None
     ts = stream.get("timestamp") if isinstance(stream.get("timestamp"), int) else None
     layout = DynamicLayout(vsize, bs, unique_id=uid, timestamp=ts)
-    nonzero = ids.any(axis=1)
+    nonzero = np.asarray(ids.any(axis=1))
     if cs <= bs:
         per = bs // cs
         pad = np.zeros(nblocks * per, dtype=bool)

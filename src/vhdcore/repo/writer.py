@@ -75,6 +75,7 @@ def layer_identity(vhd: VhdFile) -> dict[str, Any]:
     st = os.fstat(vhd._fd)
     h = xxhash.xxh3_128(vhd.footer.pack())
     if not vhd.is_fixed:
+        assert vhd.header is not None
         h.update(vhd.header.pack())
         if vhd.bat is not None:
             h.update(np.ascontiguousarray(vhd.bat).tobytes())
@@ -149,7 +150,7 @@ def reusable_chunks(chain: Chain, identity: list[dict[str, Any]], prev: dict[str
         per = chunk_size // bs
         pad = np.zeros(nchunks * per, dtype=bool)
         pad[:chain.nblocks] = changed
-        ok = ~pad.reshape(nchunks, per).any(axis=1)
+        ok = np.asarray(~pad.reshape(nchunks, per).any(axis=1), dtype=bool)
     return ok, f"{k} new layer(s) since the previous image"
 
 
@@ -358,11 +359,12 @@ def _run(repo: Repository, chain: Chain, name: str, rep: Any, t0: float,
 
     # blocks to read: those overlapping a chunk not reused, that some layer holds
     need = ~reuse
+    need_blocks: np.ndarray
     if cs <= bs:
         per = bs // cs
         pad = np.zeros(chain.nblocks * per, dtype=bool)
         pad[:nchunks] = need
-        need_blocks = pad.reshape(chain.nblocks, per).any(axis=1)
+        need_blocks = np.asarray(pad.reshape(chain.nblocks, per).any(axis=1))
     else:
         per = cs // bs
         need_blocks = np.repeat(need, per)[:chain.nblocks]
