@@ -40,6 +40,12 @@ __all__ = ["Backend", "DirectoryBackend", "SwiftBackend", "S3Backend", "open_bac
 
 T = TypeVar("T")
 Buffer = bytes | bytearray | memoryview
+#: what a write takes: one buffer, or several written one after the other
+Data = Buffer | tuple[Buffer, ...]
+
+
+def _joined(data: Data) -> bytes:
+    return b"".join(data) if isinstance(data, tuple) else bytes(data)
 
 
 class Backend(ABC):
@@ -48,13 +54,13 @@ class Backend(ABC):
     url: str = ""
 
     @abstractmethod
-    def put_once(self, key: str, data: Buffer) -> bool:
+    def put_once(self, key: str, data: Data) -> bool:
         """Create ``key`` with ``data`` unless it exists; True if this call wrote it.
         An existing object is never rewritten (its modification time is refreshed,
         so that a concurrent ``gc`` sees it as fresh)."""
 
     @abstractmethod
-    def put(self, key: str, data: Buffer) -> None:
+    def put(self, key: str, data: Data) -> None:
         """Create or replace ``key`` at once (readers see the old or the new bytes)."""
 
     @abstractmethod
@@ -108,16 +114,19 @@ class DirectoryBackend(Backend):
         return os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}."
                                f"{threading.get_ident()}.{time.monotonic_ns()}.tmp")
 
-    def _write_tmp(self, tmp: str, data: Buffer) -> None:
+    def _write_tmp(self, tmp: str, data: Data) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            _io.pwrite_all(fd, data, 0)
+            pos = 0
+            for part in (data if isinstance(data, tuple) else (data,)):
+                _io.pwrite_all(fd, part, pos)
+                pos += memoryview(part).nbytes
             if self.fsync:
                 _io.fsync(fd)
         finally:
             os.close(fd)
 
-    def put_once(self, key: str, data: Buffer) -> bool:
+    def put_once(self, key: str, data: Data) -> bool:
         path = self._path(key)
         if os.path.exists(path):
             _touch(path)
@@ -142,11 +151,12 @@ class DirectoryBackend(Backend):
             raise UploadError(f"{self.url}: writing {key} failed: {exc}") from exc
         return True
 
-    def put(self, key: str, data: Buffer) -> None:
+    def put(self, key: str, data: Data) -> None:
         path = self._path(key)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            _io.atomic_write(path, data, durable=self.fsync)
+            _io.atomic_write(path, _joined(data) if isinstance(data, tuple) else data,
+                             durable=self.fsync)
         except OSError as exc:
             raise UploadError(f"{self.url}: writing {key} failed: {exc}") from exc
 
@@ -289,14 +299,15 @@ class SwiftBackend(Backend):
         for d in "0123456789abcdef":
             self._ensure(f"{self.container}_chunks_{d}")
 
-    def put_once(self, key: str, data: Buffer) -> bool:
+    def put_once(self, key: str, data: Data) -> bool:
         from swiftclient.exceptions import ClientException
 
         c, name = self._where(key)
+        body = _joined(data)
 
         def put() -> bool:
             try:
-                self._conn().put_object(c, name, bytes(data), headers={"If-None-Match": "*"})
+                self._conn().put_object(c, name, body, headers={"If-None-Match": "*"})
             except ClientException as exc:
                 if exc.http_status == 412:
                     return False
@@ -313,9 +324,10 @@ class SwiftBackend(Backend):
                 pass
         return wrote
 
-    def put(self, key: str, data: Buffer) -> None:
+    def put(self, key: str, data: Data) -> None:
         c, name = self._where(key)
-        self._call(f"writing {key}", lambda: self._conn().put_object(c, name, bytes(data)))
+        body = _joined(data)
+        self._call(f"writing {key}", lambda: self._conn().put_object(c, name, body))
 
     def get(self, key: str) -> bytes:
         c, name = self._where(key)
@@ -426,11 +438,11 @@ class S3Backend(Backend):
             self._call("creating the bucket",
                        lambda: self._client.create_bucket(Bucket=self.bucket))
 
-    def put_once(self, key: str, data: Buffer) -> bool:
+    def put_once(self, key: str, data: Data) -> bool:
         from botocore.exceptions import ClientError
 
         k = self.prefix + key
-        body = bytes(data)
+        body = _joined(data)
         if self._conditional is not False:
             def put() -> bool:
                 try:
@@ -469,8 +481,8 @@ class S3Backend(Backend):
         except StoreError:
             pass
 
-    def put(self, key: str, data: Buffer) -> None:
-        body = bytes(data)
+    def put(self, key: str, data: Data) -> None:
+        body = _joined(data)
         self._call(f"writing {key}", lambda: self._client.put_object(
             Bucket=self.bucket, Key=self.prefix + key, Body=body))
 

@@ -45,7 +45,7 @@ from ..errors import IntegrityError
 __all__ = [
     "CONFIG_FORMAT", "ZERO_ID", "ID_SIZE", "CHUNK_MAGIC", "INDEX_MAGIC", "CODECS",
     "encode_chunk", "decode_chunk", "chunk_header", "chunk_key", "encode_index_header",
-    "decode_index", "parse_manifest", "check_name", "parse_ref", "RepoFormatError",
+    "decode_index", "parse_manifest", "nonzero_rows", "check_name", "parse_ref", "RepoFormatError",
 ]
 
 CONFIG_FORMAT = "vhdcore-repository"
@@ -224,6 +224,14 @@ def ids_as_keys(ids: np.ndarray) -> np.ndarray:
     (sortable, searchable, comparable without per-ID Python objects)."""
     a = np.ascontiguousarray(ids)
     return a.view(np.dtype((np.void, ID_SIZE))).reshape(-1)
+
+
+def nonzero_rows(ids: np.ndarray) -> np.ndarray:
+    """Per row of an ``(n, 32)`` ID array: True unless it is the zero ID
+    (without an ``n x 32`` temporary)."""
+    v = np.ascontiguousarray(ids).view("<u8")
+    out: np.ndarray = (v[:, 0] | v[:, 1] | v[:, 2] | v[:, 3]) != 0
+    return out
 
 
 def iter_ids(ids: np.ndarray, step: int = 4096) -> Iterator[tuple[int, bytes]]:

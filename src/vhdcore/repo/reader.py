@@ -20,7 +20,7 @@ import numpy as np
 from ..chain import aligned_buffer
 from ..errors import VhdError
 from .core import ImageRef, Repository, open_repo
-from .format import ID_SIZE, RepoFormatError, chunk_key, decode_chunk, parse_ref
+from .format import ID_SIZE, RepoFormatError, chunk_key, decode_chunk, nonzero_rows, parse_ref
 
 __all__ = ["restore", "export", "iter_chunks", "iter_stream", "fetch_chunk"]
 
@@ -45,7 +45,7 @@ def iter_chunks(repo: Repository, ids: np.ndarray, *, concurrency: int = 4,
                 where: str = "") -> Iterator[tuple[int, bytes]]:
     """``(position, raw bytes)`` of every non-zero chunk of ``ids``, in order,
     fetched ``concurrency`` at a time (at most ``2 * concurrency`` in memory)."""
-    nonzero = np.nonzero(ids.any(axis=1))[0]
+    nonzero = np.nonzero(nonzero_rows(ids))[0]
     with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="vhdcore-repo-get") as pool:
         window: deque[tuple[int, Future[bytes]]] = deque()
         it = iter(nonzero.tolist())
@@ -100,7 +100,7 @@ def iter_stream(repo: Repository, man: dict[str, Any], ids: np.ndarray, *,
     uid = bytes.fromhex(stream["uuid"]) if isinstance(stream.get("uuid"), str) else None
     ts = stream.get("timestamp") if isinstance(stream.get("timestamp"), int) else None
     layout = DynamicLayout(vsize, bs, unique_id=uid, timestamp=ts)
-    nonzero = np.asarray(ids.any(axis=1))
+    nonzero = nonzero_rows(ids)
     if cs <= bs:
         per = bs // cs
         pad = np.zeros(nblocks * per, dtype=bool)
@@ -147,8 +147,7 @@ def _load(repo: Repository, r: ImageRef, *, allow_damaged: bool = False
           ) -> tuple[dict[str, Any], np.ndarray]:
     man = repo.manifest(r)
     ids = repo.index(r, man)
-    if repo.index_digest(ids.tobytes()).hex() != man["digest"]:
-        raise RepoFormatError(f"{repo.url}: image {r}: digest mismatch")
+    # repo.index() checked the ID array against its digest and the manifest's
     return man, ids
 
 
@@ -234,7 +233,7 @@ def export(repo_url: str | Repository | None, ref: str | ImageRef, to_url: str, 
                 from ..coalesce import DynamicLayout
 
                 layout = DynamicLayout(man["virtual_size"], man["block_size"])
-                nonzero_blocks = ids.any(axis=1).sum() * max(1, man["chunk_size"]
+                nonzero_blocks = nonzero_rows(ids).sum() * max(1, man["chunk_size"]
                                                               // man["block_size"])
                 stream_bound = layout.stream_size(int(nonzero_blocks))
                 seg = choose_segment_size(frame_bound(stream_bound) + 64 * int(nonzero_blocks),

@@ -39,6 +39,7 @@ from .format import (
     encode_chunk,
     encode_index_header,
     ids_as_keys,
+    nonzero_rows,
 )
 
 __all__ = ["RepoImage", "create_image", "layer_identity", "reusable_chunks"]
@@ -311,14 +312,14 @@ def _run(repo: Repository, chain: Chain, name: str, rep: Any, t0: float,
     stats = {"new": 0, "reused": int(reuse.sum()), "zero": 0, "read": 0, "existing": 0}
     nbytes = {"new": 0, "new_stored": 0, "reused": 0, "zero": 0, "read": 0}
     if prev_ids is not None and reuse.any():
-        rz = (prev_ids[reuse] == 0).all(axis=1)
+        rz = ~nonzero_rows(prev_ids[reuse])
         stats["zero"] += int(rz.sum())
         stats["reused"] -= int(rz.sum())
     # bytes of reused chunks (the last chunk may be short)
     lens = np.full(nchunks, cs, dtype=np.int64)
     lens[-1] = vsize - (nchunks - 1) * cs if nchunks else 0
     if reuse.any():
-        zr = (ids[reuse] == 0).all(axis=1)
+        zr = ~nonzero_rows(ids[reuse])
         nbytes["zero"] += int(lens[reuse][zr].sum())
         nbytes["reused"] += int(lens[reuse][~zr].sum())
     stored_new = bytearray(stored_before)
@@ -453,21 +454,20 @@ def _run(repo: Repository, chain: Chain, name: str, rep: Any, t0: float,
                 "command again to resume (stored chunks are not uploaded again)")
     except BaseException:
         raise
-    zr = (ids == 0).all(axis=1)  # never stored: read as zero, or never allocated
+    zr = ~nonzero_rows(ids)  # never stored: read as zero, or never allocated
     stats["zero"] = int(zr.sum())
     nbytes["zero"] = int(lens[zr].sum())
     # ------------------------------------------------ commit: index, manifest
     newest = repo.images(name)
     image_id = new_image_id(after=newest[-1].id if newest else None)
     ref = ImageRef(name, image_id)
-    body = ids.tobytes()
-    digest = repo.index_digest(body)
-    del body
+    digest = repo.index_digest(ids.data)
     if fs_aware:
         repo.backend.put_once(f"images/{name}/{image_id}.fsmask",
                               masks.astype("<u8").tobytes())
-    repo.backend.put_once(repo.index_key(ref),
-                          encode_index_header(cs, vsize, nchunks, digest) + ids.tobytes())
+    # header and IDs written one after the other (no copy of the IDs here)
+    repo.backend.put_once(repo.index_key(ref), (encode_index_header(cs, vsize, nchunks, digest),
+                                                ids.data.cast("B")))
     # what the stream export needs to reproduce `image --to` byte for byte
     from ..imaging import STREAM_FORMAT
 
