@@ -287,14 +287,16 @@ def verify(repo_url: str | None, ref: str | None = None, *, read_data: bool = Fa
             refs = [repo.resolve(n, image_id)] if image_id else repo.images(check_name(n))
             if not refs:
                 raise StoreNotFoundError(f"{repo.url}: no image named {n!r}")
-        # every chunk present, as a sorted array (32 bytes per chunk)
-        present_l = [cid for k, _ in repo.backend.list("chunks/")
-                     if (cid := chunk_id_from_key(k)) is not None]
-        present = np.unique(np.frombuffer(b"".join(present_l), dtype=np.uint8)
-                            .reshape(-1, ID_SIZE).view(np.dtype((np.void, ID_SIZE)))
-                            .reshape(-1)) if present_l else np.empty(
-            0, dtype=np.dtype((np.void, ID_SIZE)))
-        del present_l
+        # every chunk present, as one sorted array (32 bytes per chunk, no
+        # Python object per chunk)
+        buf = bytearray()
+        for k, _ in repo.backend.list("chunks/"):
+            cid = chunk_id_from_key(k)
+            if cid is not None:
+                buf += cid
+        present = np.unique(ids_as_keys(np.frombuffer(bytes(buf), dtype=np.uint8)
+                                        .reshape(-1, ID_SIZE)))
+        del buf
         per_image: dict[ImageRef, np.ndarray] = {}
         for r in refs:
             try:
