@@ -347,7 +347,21 @@ def test_fuzzed_index_manifest_chunk_give_clear_errors(tmp_path, repo):
         assert not (tmp_path / "o.raw").exists()
         assert run_cli("restore", "--repo", repo, str(img), str(tmp_path / "o"),
                        check=False).returncode == 1
+    # hostile values the manifest's shape check lets through
+    doc = json.loads(good_mf)
+    for stream in ({"uuid": "zz", "timestamp": -1}, {"uuid": "00", "timestamp": 1 << 40}, [],
+                   {"uuid": None}):
+        mf.write_text(json.dumps({**doc, "stream": stream, "bytes": {"new": "x"},
+                                  "verify": {"state": 5}, "parent": 7}))
+        assert restored(repo, str(img), tmp_path, "vhd") == disk_bytes(w.paths[-1])
+        assert R.list_images(repo)[0]["new_bytes"] == 0
+        assert run_cli("ls", "--repo", repo).returncode == 0
     mf.write_bytes(good_mf)
+    # hostile leases are skipped
+    (Path(repo) / "leases").mkdir(exist_ok=True)
+    for i, bad in enumerate((b"[]", b"{", b'{"expires": "x"}', b'{"expires": 1e20, "start": "y"}')):
+        (Path(repo) / "leases" / f"bad{i}.json").write_bytes(bad)
+    assert R.gc(repo, grace=0).deleted == 0
     (Path(repo) / "config").write_text("{}")
     with pytest.raises(RepoFormatError):
         R.open_repo(repo)
@@ -374,6 +388,9 @@ def test_interrupted_image_resumes_without_reuploading(tmp_path, repo, monkeypat
         R.create_image(leaf, repo, "vm", fs_aware=False, timeout=0.5)
     stored = [p for p in (Path(repo) / "chunks").rglob("*") if p.is_file()]
     assert stored and not list((Path(repo) / "images").rglob("*.json"))
+    assert [p for p in (Path(repo) / "checkpoints").rglob("*") if p.is_file()]
+    # a checkpoint is no proof: a chunk it names that is gone is stored again
+    stored.pop().unlink()
     monkeypatch.setattr(W, "iter_image_blocks", real)
     img = R.create_image(leaf, repo, "vm", fs_aware=False)
     assert img.resumed
@@ -512,8 +529,17 @@ def test_cli_contract(tmp_path):
     lines = [json.loads(x) for x in p.stdout.splitlines()]
     assert lines[-1]["event"] == "result" and lines[-1]["ref"].startswith("web@")
     assert any(x.get("event") == "progress" for x in lines)
+    # timeout: exit 4, and the same command again resumes
+    big = make_chain(tmp_path / "big", "full", size=64 * MiB, layers=1)
+    p = run_cli("image", str(big.paths[-1]), "--repo", url, "--name", "big", "--timeout", "0",
+                "--no-fs-aware", check=False)
+    assert p.returncode == 4 and "resume" in p.stderr
+    p = run_cli("image", str(big.paths[-1]), "--repo", url, "--name", "big", "--no-fs-aware",
+                "--json")
+    assert json.loads(p.stdout.splitlines()[-1])["resumed"] is True
     ls = run_cli("ls", "--repo", url)
     assert ref in ls.stdout and "unverified" in ls.stdout
+    assert "big@" in ls.stdout
     js = json.loads(run_cli("ls", "web", "--json", env={"VHDCORE_REPO": url}).stdout)
     assert len(js) == 2
     run_cli("restore", "--repo", url, "web", str(tmp_path / "o.vhd"))

@@ -204,6 +204,7 @@ class Repository:
                 if not isinstance(doc, dict):
                     continue
                 expires = float(doc.get("expires", 0))
+                doc["start"] = float(doc.get("start", now))
             except (StoreNotFoundError, ValueError, TypeError):
                 continue
             if expires > now:

@@ -26,6 +26,8 @@ from .format import (
 __all__ = ["list_images", "forget", "gc", "verify", "parse_duration", "GcResult",
            "VerifyResult"]
 
+#: seconds by which lease and forget clocks may disagree
+LEASE_CLOCK_MARGIN = 60.0
 #: checkpoints of interrupted images stay roots this long
 CHECKPOINT_KEEP = 7 * 86400.0
 
@@ -52,14 +54,20 @@ def list_images(repo_url: str | None, name: str | None = None) -> list[dict[str,
             except (RepoFormatError, StoreNotFoundError) as exc:
                 out.append({"name": ref.name, "id": ref.id, "error": str(exc)})
                 continue
+            b = m["bytes"]
+
+            def num(k: str) -> int:
+                v = b.get(k, 0)
+                return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+            state = m["verify"].get("state", "unverified")
+            parent = m.get("parent")
             out.append({"name": ref.name, "id": ref.id, "ref": str(ref),
                         "created": m["created"], "virtual_size": m["virtual_size"],
-                        "new_bytes": m["bytes"].get("new", 0),
-                        "stored_bytes": m["bytes"].get("new_stored", 0),
-                        "reused_bytes": m["bytes"].get("reused", 0),
-                        "zero_bytes": m["bytes"].get("zero", 0),
-                        "verify": m["verify"].get("state", "unverified"),
-                        "parent": m.get("parent")})
+                        "new_bytes": num("new"), "stored_bytes": num("new_stored"),
+                        "reused_bytes": num("reused"), "zero_bytes": num("zero"),
+                        "verify": state if isinstance(state, str) else "unknown",
+                        "parent": parent if isinstance(parent, str) else None})
         return out
 
 
@@ -102,9 +110,9 @@ def forget(repo_url: str | None, ref: str | None = None, *, name: str | None = N
            dry_run: bool = False) -> list[str]:
     """Remove images (their manifest and index; chunks are ``gc``'s job):
     ``ref`` (``NAME@ID``), or every image of ``name`` (default: of every
-    name) beyond the ``keep_*`` policy.  An image a live lease may be
-    reading is moved to ``forgotten/`` instead, and ``gc`` deletes it once no
-    lease that started before the forget is live.  Returns what was forgotten."""
+    name) beyond the ``keep_*`` policy.  An image a running reader may be
+    reading is kept in ``forgotten/`` until ``gc`` finds no lease live
+    that started before the forget (then it goes).  Returns what was forgotten."""
     policy = (keep_last, keep_daily, keep_weekly, keep_monthly)
     with open_repo(repo_url) as repo:
         if ref is not None:
@@ -123,26 +131,25 @@ def forget(repo_url: str | None, ref: str | None = None, *, name: str | None = N
             targets = _select_forget(repo.images(name), repo, *policy)
         if dry_run:
             return [str(t) for t in targets]
-        live = bool(repo.leases())
-        now = time.time()
         for t in targets:
-            _forget_one(repo, t, live, now)
+            _forget_one(repo, t, time.time())
         return [str(t) for t in targets]
 
 
-def _forget_one(repo: Repository, ref: ImageRef, live: bool, now: float) -> None:
+def _forget_one(repo: Repository, ref: ImageRef, now: float) -> None:
+    """Move the image's index to ``forgotten/`` (a reader that started before
+    may still need its chunks: ``gc`` keeps them until no such lease is live),
+    then delete manifest and index."""
     b = repo.backend
     mkey = repo.manifest_key(ref)
-    if live:
-        # keep a copy a running reader may still need; the manifest goes last
-        for suffix in (".index", ".fsmask"):
-            try:
-                data = b.get(f"images/{ref.name}/{ref.id}{suffix}")
-            except StoreNotFoundError:
-                continue
-            b.put(f"forgotten/{ref.name}/{ref.id}{suffix}", data)
-        b.put(f"forgotten/{ref.name}/{ref.id}.json",
-              json.dumps({"forgotten_at": now, "name": ref.name, "id": ref.id}).encode())
+    for suffix in (".index", ".fsmask"):
+        try:
+            data = b.get(f"images/{ref.name}/{ref.id}{suffix}")
+        except StoreNotFoundError:
+            continue
+        b.put(f"forgotten/{ref.name}/{ref.id}{suffix}", data)
+    b.put(f"forgotten/{ref.name}/{ref.id}.json",
+          json.dumps({"forgotten_at": now, "name": ref.name, "id": ref.id}).encode())
     b.delete(mkey)  # the image is gone for readers from here on
     b.delete(f"images/{ref.name}/{ref.id}.index")
     b.delete(f"images/{ref.name}/{ref.id}.fsmask")
@@ -165,9 +172,8 @@ class GcResult:
 
 def gc(repo_url: str | None, *, grace: float | str = "24h", dry_run: bool = False) -> GcResult:
     """Delete chunks no committed index references and that are older than
-    ``min(gc start - grace, oldest live lease's start)``.  Images forgotten
-    while a lease was live count as referenced until no lease older than the
-    forget is live.  Checkpoints of interrupted images count as referenced
+    ``min(gc start - grace, oldest live lease's start)``.  Forgotten images
+    count as referenced until no lease older than the forget is live.  Checkpoints of interrupted images count as referenced
     for a week.  An unreadable index stops ``gc`` before it deletes anything."""
     grace_s = parse_duration(grace)
     res = GcResult()
@@ -181,8 +187,13 @@ def gc(repo_url: str | None, *, grace: float | str = "24h", dry_run: bool = Fals
             parts: list[np.ndarray] = []
             # mark: committed images
             for ref in repo.images():
-                man = repo.manifest(ref)  # errors stop gc: it must not guess
-                parts.append(ids_as_keys(repo.index(ref, man)))
+                try:
+                    man = repo.manifest(ref)
+                    parts.append(ids_as_keys(repo.index(ref, man)))
+                except (RepoFormatError, StoreNotFoundError):
+                    if not repo.backend.exists(repo.manifest_key(ref)):
+                        continue  # forgotten meanwhile: its copy in forgotten/ counts
+                    raise  # an unreadable index stops gc: it must not guess
                 res.images += 1
             # forgotten images a lease older than the forget may read
             for ref in repo.images(where="forgotten"):
@@ -191,7 +202,9 @@ def gc(repo_url: str | None, *, grace: float | str = "24h", dry_run: bool = Fals
                     at = float(info["forgotten_at"])
                 except (StoreNotFoundError, ValueError, KeyError, TypeError):
                     at = 0.0
-                if any(s <= at + 5.0 for s in starts):
+                # a lease that started before the forget (with a margin for
+                # clocks) may have read the image
+                if any(s <= at + LEASE_CLOCK_MARGIN for s in starts):
                     idx = repo.backend.get(f"forgotten/{ref.name}/{ref.id}.index")
                     from .format import decode_index
 

@@ -96,9 +96,18 @@ def iter_stream(repo: Repository, man: dict[str, Any], ids: np.ndarray, *,
 
     bs, cs, vsize = man["block_size"], man["chunk_size"], man["virtual_size"]
     nblocks = -(-vsize // bs)
-    stream = man.get("stream") or {}
-    uid = bytes.fromhex(stream["uuid"]) if isinstance(stream.get("uuid"), str) else None
-    ts = stream.get("timestamp") if isinstance(stream.get("timestamp"), int) else None
+    stream = man.get("stream")
+    stream = stream if isinstance(stream, dict) else {}
+    uid: bytes | None = None
+    try:
+        uid = bytes.fromhex(stream["uuid"])
+    except (KeyError, TypeError, ValueError):
+        pass
+    if uid is not None and len(uid) != 16:
+        uid = None
+    ts = stream.get("timestamp")
+    if not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts < 1 << 32:
+        ts = None
     layout = DynamicLayout(vsize, bs, unique_id=uid, timestamp=ts)
     nonzero = nonzero_rows(ids)
     if cs <= bs:

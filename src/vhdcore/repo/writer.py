@@ -5,6 +5,10 @@ One pass over the chain: every chunk is either *reused without reading*
 :func:`reusable_chunks`), or read through the merge kernel, hashed (keyed
 BLAKE3), and -- only when its ID is not known from a committed index --
 compressed and written once.  Then the index, then the manifest.
+
+Progress uses the published stages: ``coalescing`` (25%) while the layers,
+the filesystems and the previous image are examined, ``uploading`` (50%)
+while chunks are read, hashed and written, ``done`` (100%).
 """
 from __future__ import annotations
 
@@ -244,6 +248,8 @@ def _run(repo: Repository, chain: Chain, name: str, rep: Any, t0: float,
                        "must divide one another")
     vsize = chain.virtual_size
     nchunks = -(-vsize // cs)
+    rep.enter("coalescing", message="reading the chain's layers, the filesystems and the "
+              "previous image of " + name, bytes_done=0, bytes_total=vsize)
     identity = [layer_identity(ly) for ly in chain.layers]
     free_map: FreeMap | None = None
     fs_info: dict[str, Any] | None = None
@@ -290,9 +296,10 @@ def _run(repo: Repository, chain: Chain, name: str, rep: Any, t0: float,
         pass
     resumed = bool(stored_before)
     first = [prev_ids] if prev_ids is not None else []
-    if stored_before:
-        first.append(np.frombuffer(stored_before, dtype=np.uint8).reshape(-1, ID_SIZE))
     known = repo.known_ids(first, [r for r in all_refs if not (base and r == base[0])])
+    # a checkpoint is no committed index: its IDs are checked before use
+    ck_known = np.unique(ids_as_keys(np.frombuffer(stored_before, dtype=np.uint8)
+                                     .reshape(-1, ID_SIZE))) if stored_before else None
     recent = _Recent()
     zero_ids: dict[int, bytes] = {}
 
@@ -302,12 +309,16 @@ def _run(repo: Repository, chain: Chain, name: str, rep: Any, t0: float,
             z = zero_ids[n] = repo.chunk_id(bytes(n))
         return z
 
-    def is_known(cid: bytes) -> bool:
-        if len(known) == 0:
+    def in_sorted(arr: np.ndarray | None, cid: bytes) -> bool:
+        if arr is None or len(arr) == 0:
             return False
-        v = np.void(cid)
-        i = int(np.searchsorted(known, v))
-        return i < len(known) and bytes(known[i]) == cid
+        i = int(np.searchsorted(arr, np.void(cid)))
+        return i < len(arr) and bytes(arr[i]) == cid
+
+    def is_known(cid: bytes) -> bool:
+        if in_sorted(known, cid):
+            return True
+        return in_sorted(ck_known, cid) and repo.backend.exists(chunk_key(cid))
 
     stats = {"new": 0, "reused": int(reuse.sum()), "zero": 0, "read": 0, "existing": 0}
     nbytes = {"new": 0, "new_stored": 0, "reused": 0, "zero": 0, "read": 0}
