@@ -672,3 +672,48 @@ def test_directory_write_once_never_rewrites(tmp_path):
     assert not [p for p in (tmp_path / "d").rglob(".*")]
     with pytest.raises(VhdError):
         be.get("../etc/passwd")
+
+
+def test_fs_aware_incremental_rereads_blocks_freed_by_the_filesystem(tmp_path):
+    """Deleting files frees data in VHD blocks no new layer touches: their free
+    mask changed, so they are read again (and their stale data dropped)."""
+    from _fsimages import ext_rm, make_ext, need, random_files
+
+    from test_fsaware_image import lay_down
+    from vhdcore.imaging import create_image as image_to
+    from vhdcore.store import restore as stream_restore
+
+    need("mke2fs", "debugfs", "e2fsck")
+    src = tmp_path / "src"
+    shas = random_files(src, 12, 900 * 1024, 1100 * 1024, seed=4)
+    full = tmp_path / "full.img"
+    make_ext(full, 48 * MiB, ["-t", "ext4", "-b", "4096"], src)
+    now = tmp_path / "now.img"
+    shutil.copyfile(full, now)
+    ext_rm(now, sorted(shas)[3:])
+    chain_dir = tmp_path / "chain"
+    leaf = lay_down([full, now], chain_dir)
+    base = chain_dir / "layer0.vhd"
+    url = str(tmp_path / "repo")
+    R.init_repo(url).close()
+    a = R.create_image(base, url, "vm", fs_aware=True)
+    b = R.create_image(leaf, url, "vm", fs_aware=True)
+    assert b.parent == a.id
+    with VhdFileOpen(leaf) as child:
+        owned = set(int(x) for x in child.allocated_blocks())
+    # more blocks were read than the new layer owns: the freed ones
+    assert b.bytes["read"] > len(owned) * 2 * MiB
+    (tmp_path / "s").mkdir()
+    image_to(leaf, f"file://{tmp_path}/s/img", fs_aware=True)
+    stream_restore(f"file://{tmp_path}/s/img", tmp_path / "want.raw", format="raw")
+    assert restored(url, str(b), tmp_path, "raw") == (tmp_path / "want.raw").read_bytes()
+    # the same chain again: nothing changed, nothing read
+    c = R.create_image(leaf, url, "vm", fs_aware=True)
+    assert c.bytes["read"] == 0
+    assert restored(url, str(c), tmp_path, "raw") == (tmp_path / "want.raw").read_bytes()
+
+
+def VhdFileOpen(path):
+    from vhdcore.disk import VhdFile
+
+    return VhdFile.open(path)
