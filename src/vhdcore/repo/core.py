@@ -30,6 +30,7 @@ from .format import (
     decode_index,
     ids_as_keys,
     parse_manifest,
+    sorted_unique,
 )
 
 __all__ = ["Repository", "ImageRef", "init_repo", "open_repo", "Lease", "repo_url_from_env"]
@@ -189,7 +190,7 @@ class Repository:
             total += len(ids)
         if not parts:
             return np.empty(0, dtype=np.dtype((np.void, ID_SIZE)))
-        allids = np.unique(np.concatenate(parts))
+        allids = sorted_unique(np.concatenate(parts))
         out: np.ndarray = allids[allids != np.void(ZERO_ID)]
         return out
 

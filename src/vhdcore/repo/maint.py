@@ -21,6 +21,7 @@ from .format import (
     decode_chunk,
     ids_as_keys,
     parse_ref,
+    sorted_unique,
 )
 
 __all__ = ["list_images", "forget", "gc", "verify", "parse_duration", "GcResult",
@@ -224,7 +225,7 @@ def gc(repo_url: str | None, *, grace: float | str = "24h", dry_run: bool = Fals
                 data = data[:len(data) - len(data) % ID_SIZE]
                 parts.append(ids_as_keys(np.frombuffer(data, dtype=np.uint8)
                                          .reshape(-1, ID_SIZE)))
-            live = np.unique(np.concatenate(parts)) if parts else \
+            live = sorted_unique(np.concatenate(parts)) if parts else \
                 np.empty(0, dtype=np.dtype((np.void, ID_SIZE)))
             res.referenced = int(len(live)) - int(bool(len(live)) and
                                                   bool((live == np.void(ZERO_ID)).any()))
@@ -307,7 +308,7 @@ def verify(repo_url: str | None, ref: str | None = None, *, read_data: bool = Fa
             cid = chunk_id_from_key(k)
             if cid is not None:
                 buf += cid
-        present = np.unique(ids_as_keys(np.frombuffer(bytes(buf), dtype=np.uint8)
+        present = sorted_unique(ids_as_keys(np.frombuffer(bytes(buf), dtype=np.uint8)
                                         .reshape(-1, ID_SIZE)))
         del buf
         per_image: dict[ImageRef, np.ndarray] = {}
@@ -320,7 +321,7 @@ def verify(repo_url: str | None, ref: str | None = None, *, read_data: bool = Fa
                 res.images[str(r)] = "damaged"
                 continue
             ids = ids[ids != np.void(ZERO_ID)]
-            u = np.unique(ids)
+            u = sorted_unique(ids)
             per_image[r] = u
             if len(present):
                 pos = np.minimum(np.searchsorted(present, u), len(present) - 1)
@@ -331,7 +332,7 @@ def verify(repo_url: str | None, ref: str | None = None, *, read_data: bool = Fa
                 res.missing.setdefault(bytes(m).hex(), []).append(str(r))
             res.images[str(r)] = "damaged" if len(miss) else "ok"
         if read_data:
-            allids: Any = np.unique(np.concatenate(list(per_image.values()))) if per_image else []
+            allids: Any = sorted_unique(np.concatenate(list(per_image.values()))) if per_image else []
             bad: set[bytes] = set()
             for v in allids:
                 cid = bytes(v)

@@ -44,6 +44,7 @@ from .format import (
     encode_index_header,
     ids_as_keys,
     nonzero_rows,
+    sorted_unique,
 )
 
 __all__ = ["RepoImage", "create_image", "layer_identity", "reusable_chunks"]
@@ -298,7 +299,7 @@ def _run(repo: Repository, chain: Chain, name: str, rep: Any, t0: float,
     first = [prev_ids] if prev_ids is not None else []
     known = repo.known_ids(first, [r for r in all_refs if not (base and r == base[0])])
     # a checkpoint is no committed index: its IDs are checked before use
-    ck_known = np.unique(ids_as_keys(np.frombuffer(stored_before, dtype=np.uint8)
+    ck_known = sorted_unique(ids_as_keys(np.frombuffer(stored_before, dtype=np.uint8)
                                      .reshape(-1, ID_SIZE))) if stored_before else None
     recent = _Recent()
     zero_ids: dict[int, bytes] = {}
