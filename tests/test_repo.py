@@ -579,6 +579,20 @@ def test_chunk_sizes_other_than_the_block(tmp_path):
         s.unlink()
 
 
+def test_cancel_event_stops_like_a_timeout(tmp_path, repo):
+    import threading
+
+    w = make_chain(tmp_path / "c", "full", size=32 * MiB, layers=1)
+    ev = threading.Event()
+    ev.set()
+    with pytest.raises(VhdTimeoutError, match="cancelled"):
+        R.create_image(w.paths[-1], repo, "vm", fs_aware=False, cancel=ev)
+    img = R.create_image(w.paths[-1], repo, "vm", fs_aware=False, resume=True)
+    assert img.resumed and restored(repo, str(img), tmp_path, "raw") == disk_bytes(w.paths[-1])
+    with pytest.raises(TypeError):
+        R.create_image(w.paths[-1], repo, "vm", bogus=1)
+
+
 def test_api_names():
     assert callable(R.create_image) and callable(R.restore) and callable(R.gc)
     sig = R.create_image.__code__.co_varnames[:3]
@@ -633,6 +647,14 @@ def test_swift_repository(tmp_path):
     assert be.put_once(key, b"other bytes") is False
     assert be.get(key) == before
     be.close()
+    # export to a Swift stream image, read back by the stream restore
+    from vhdcore.store import restore as stream_restore
+
+    conn.put_container(container + "-exp")
+    meta = R.export(f"swift://{container}/pre", "vm", f"swift://{container}-exp/img")
+    stream_restore(f"swift://{container}-exp/img", tmp_path / "exp.vhd")
+    assert disk_bytes(tmp_path / "exp.vhd") == disk_bytes(tmp_path / "c" / "s.vhd")
+    assert meta["repo-image"].startswith("vm@")
 
 
 def test_s3_repository(tmp_path):

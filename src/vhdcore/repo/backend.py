@@ -343,7 +343,6 @@ class SwiftBackend(Backend):
         return True
 
     def list(self, prefix: str) -> Iterator[tuple[str, float]]:
-        from email.utils import parsedate_to_datetime  # noqa: F401
         import datetime
 
         if prefix.startswith("chunks"):
@@ -351,15 +350,20 @@ class SwiftBackend(Backend):
         else:
             containers = [self.container]
         for c in containers:
-            try:
-                _, objs = self._call(f"listing {c}", lambda: self._conn().get_container(
-                    c, prefix=self.prefix + prefix, full_listing=True))
-            except StoreNotFoundError:
-                continue
-            for o in objs:
-                t = datetime.datetime.fromisoformat(o["last_modified"]).replace(
-                    tzinfo=datetime.timezone.utc).timestamp()
-                yield o["name"][len(self.prefix):], t
+            marker = ""
+            while True:  # a page at a time: never the whole listing in memory
+                try:
+                    _, objs = self._call(f"listing {c}", lambda: self._conn().get_container(
+                        c, prefix=self.prefix + prefix, marker=marker, limit=10000))
+                except StoreNotFoundError:
+                    break
+                if not objs:
+                    break
+                for o in objs:
+                    t = datetime.datetime.fromisoformat(o["last_modified"]).replace(
+                        tzinfo=datetime.timezone.utc).timestamp()
+                    yield o["name"][len(self.prefix):], t
+                marker = objs[-1]["name"]
 
     def delete(self, key: str) -> None:
         c, name = self._where(key)

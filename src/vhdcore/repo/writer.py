@@ -188,7 +188,8 @@ def create_image(leaf: PathLike, repo_url: str | None, name: str, *,
                  progress: Callable[[Any], None] | None = None, timeout: float | None = None,
                  fs_aware: bool = True, rehash: bool = False, threads: int = 2,
                  concurrency: int = 4, chain_options: dict[str, Any] | None = None,
-                 backend_options: dict[str, Any] | None = None, **options: Any) -> RepoImage:
+                 backend_options: dict[str, Any] | None = None,
+                 cancel: threading.Event | None = None, **options: Any) -> RepoImage:
     """Image the chain of ``leaf`` into the repository at ``repo_url`` (default
     ``$VHDCORE_REPO``) as a new image of ``name``; returns it (``str()`` is
     ``NAME@ID``).
@@ -199,8 +200,13 @@ def create_image(leaf: PathLike, repo_url: str | None, name: str, *,
     when no committed index knows them.  ``timeout`` (seconds) or Ctrl-C stop
     with :class:`VhdTimeoutError`; running the same command again resumes
     without re-uploading what was stored.  ``fs_aware`` drops what the guest
-    filesystems mark free.  Unknown ``options`` are an error.
+    filesystems mark free.  ``cancel``: an event another thread may set to
+    stop the same way as a timeout.  ``resume``/``restart`` (options of
+    :func:`vhdcore.create_image`) are accepted and change nothing: resuming is
+    automatic.  Other unknown ``options`` are an error.
     """
+    options.pop("resume", None)
+    options.pop("restart", None)
     if options:
         raise TypeError(f"create_image() got unexpected options: {', '.join(sorted(options))}")
     check_name(name)
@@ -216,7 +222,7 @@ def create_image(leaf: PathLike, repo_url: str | None, name: str, *,
         try:
             with repo.lease("image", name=name):
                 return _run(repo, chain, name, rep, t0, deadline, fs_aware, rehash, threads,
-                            concurrency)
+                            concurrency, cancel)
         except BaseException as exc:
             rep.stage = "failed"
             rep.emit(force=True, message=str(exc) or type(exc).__name__)
@@ -241,7 +247,7 @@ def _previous(repo: Repository, name: str) -> tuple[ImageRef, dict[str, Any]] | 
 
 def _run(repo: Repository, chain: Chain, name: str, rep: Any, t0: float,
          deadline: float | None, fs_aware: bool, rehash: bool, threads: int,
-         concurrency: int) -> RepoImage:
+         concurrency: int, cancel: threading.Event | None = None) -> RepoImage:
     cs = repo.chunk_size
     bs = chain.block_size
     if not (cs % bs == 0 or bs % cs == 0):
@@ -436,6 +442,9 @@ def _run(repo: Repository, chain: Chain, name: str, rep: Any, t0: float,
                     last_ck = now
                 if deadline is not None and now >= deadline:
                     stopped = "stopped at its timeout"
+                    break
+                if cancel is not None and cancel.is_set():
+                    stopped = "was cancelled"
                     break
             if stopped is None and cur_buf is not None:
                 submit(cur_c, bytes(cur_buf[:chunk_len(cur_c)]))
