@@ -739,3 +739,22 @@ def VhdFileOpen(path):
     from vhdcore.disk import VhdFile
 
     return VhdFile.open(path)
+
+
+def test_a_touched_parent_layer_is_not_trusted(tmp_path, repo):
+    """Condition 1: every layer owning a sector must be provably unchanged
+    (mtime, ctime, inode, size, UUID, header/BAT digest)."""
+    w = make_chain(tmp_path / "c", "realistic", size=32 * MiB, layers=2)
+    a = R.create_image(w.paths[-1], repo, "vm", fs_aware=False)
+    assert R.create_image(w.paths[-1], repo, "vm", fs_aware=False).bytes["read"] == 0
+    st = w.paths[0].stat()
+    os.utime(w.paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    c = R.create_image(w.paths[-1], repo, "vm", fs_aware=False)
+    with Chain.open(w.paths[-1]) as ch:
+        allocated = len(ch.allocated_blocks())
+    assert c.bytes["read"] == allocated * 2 * MiB
+    assert c.counts["new"] == 0  # same content: every chunk already known
+    man = json.loads((Path(repo) / "images" / "vm" / f"{c.id}.json").read_text())
+    assert "not all unchanged" in man["reuse"]
+    assert restored(repo, str(c), tmp_path, "raw") == disk_bytes(w.paths[-1])
+    _ = a

@@ -170,13 +170,22 @@ class Repository:
 
     # ------------------------------------------------------------ known chunks
     def known_ids(self, first: list[np.ndarray], refs: list[ImageRef], *,
-                  limit: int = 1 << 21) -> np.ndarray:
+                  limit: int = 1 << 21, max_indexes: int = 256) -> np.ndarray:
         """Sorted unique IDs (void32) of ``first`` arrays then of the indexes of
-        ``refs`` (newest first) that verified clean or are unverified, up to
-        ``limit`` IDs (memory: 32 bytes each)."""
+        ``refs`` that are not marked damaged: the newest image of each name
+        first (clones of one template share most chunks), then the others
+        newest first; at most ``limit`` IDs (32 bytes each) from at most
+        ``max_indexes`` indexes."""
         parts: list[np.ndarray] = [ids_as_keys(a) for a in first]
         total = sum(len(p) for p in parts)
-        for ref in reversed(refs):
+        newest: dict[str, ImageRef] = {}
+        for ref in refs:  # oldest first: the last one of a name wins
+            newest[ref.name] = ref
+        lead = sorted(newest.values(), key=lambda r: r.id, reverse=True)
+        lead_set = set(lead)
+        order = lead + sorted((r for r in refs if r not in lead_set), key=lambda r: r.id,
+                              reverse=True)
+        for ref in order[:max_indexes]:
             if total >= limit:
                 break
             try:
