@@ -335,7 +335,8 @@ def _run(repo: Repository, chain: Chain, name: str, rep: Any, t0: float,
         stats["reused"] -= int(rz.sum())
     # bytes of reused chunks (the last chunk may be short)
     lens = np.full(nchunks, cs, dtype=np.int64)
-    lens[-1] = vsize - (nchunks - 1) * cs if nchunks else 0
+    if nchunks:
+        lens[-1] = vsize - (nchunks - 1) * cs
     if reuse.any():
         zr = ~nonzero_rows(ids[reuse])
         nbytes["zero"] += int(lens[reuse][zr].sum())
