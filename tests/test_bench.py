@@ -25,6 +25,8 @@ EXPECTED = [
     "imaging.stage_scan", "imaging.stage_upload", "imaging.sha256", "imaging.pipeline",
     "imaging.cpu_bound", "imaging.virtual",
     "memory.flatten", "memory.flatten_anon", "memory.imaging", "memory.imaging_anon",
+    "repo.first_image", "repo.incremental_time", "repo.incremental_growth",
+    "repo.clone_growth", "repo.restore", "memory.repo",
 ]
 
 

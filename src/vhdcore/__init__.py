@@ -78,7 +78,7 @@ _LAZY: dict[str, tuple[str, str]] = {
 #: public submodules, imported on first attribute access (``vhdcore.chain``)
 _SUBMODULES = frozenset({
     "chain", "check", "cli", "coalesce", "compress", "demo", "disk", "estimate", "format",
-    "fsmap", "imaging", "store",
+    "fsmap", "imaging", "repo", "store",
 })
 
 __all__ = [

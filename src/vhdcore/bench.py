@@ -109,6 +109,17 @@ TARGETS: dict[str, tuple[str, str, float, str]] = {
 }
 
 
+def _repo_targets() -> None:
+    from .repo.bench import REPO_TARGETS
+
+    TARGETS.update(REPO_TARGETS)
+
+
+_repo_targets()
+#: virtual size of the sparse chain of the repository's memory check
+REPO_MEMORY_SIZE = 2040 << 30  # the VHD limit: just under 2 TiB
+
+
 @dataclass
 class Result:
     """One measured figure.
@@ -673,6 +684,25 @@ class _Bench:
                  note=f"compressed to {res.compressed_size / MiB:.1f} MiB in {res.segments} "
                       "segments")
 
+    # ------------------------------------------------------------ repository
+    def measure_repo(self, wl: dict[str, Workload]) -> None:
+        from .repo.bench import measure_repo
+
+        measure_repo(self.add, self.work, Path(wl["realistic"].leaf), self.reps, self.say)
+
+    def measure_repo_memory(self) -> None:
+        from .repo.bench import repo_memory
+
+        vsize = REPO_MEMORY_SIZE
+        self.say(f"measuring peak memory of image --repo + restore of a {vsize >> 30} GiB "
+                 "sparse disk ...")
+        rec = repo_memory(self.work, vsize)
+        self.add("memory.repo", f"peak RSS, image --repo + restore, {vsize >> 30} GiB", "memory",
+                 vsize, rec["image_s"] + rec["restore_s"], ratio=rec["peak_rss"] / (256 * MiB),
+                 ratio_to="256 MiB", peak_bytes=rec["peak_rss"], reps=1,
+                 note=f"anonymous memory peaked at {rec['peak_anon'] / MiB:.0f} MiB (sampled); "
+                      f"image {rec['image_s']:.1f} s, restore {rec['restore_s']:.1f} s")
+
     # ------------------------------------------------------------ memory
     def measure_memory(self) -> None:
         vsize = self.memory_size
@@ -893,13 +923,15 @@ def run_bench(*, size: int | None = None, quick: bool = False, reps: int | None 
         b.measure_flatten(wl)
         b.measure_coalesce(wl)
         b.measure_imaging(wl)
+        b.measure_repo(wl)
         if memory:
             b.measure_memory()
+            b.measure_repo_memory()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results = b.results
     order = ["machine", "kernel", "twin", "read", "flatten", "coalesce", "lz4", "upload",
-             "imaging", "memory"]
+             "imaging", "repo", "memory"]
     results.sort(key=lambda r: order.index(r.group) if r.group in order else len(order))
     checked = [r for r in results if r.passed is not None]
     machine = machine_info()
@@ -969,4 +1001,5 @@ def format_report(report: dict[str, Any], *, notes: bool = True) -> str:
 
 _SHOW_NOTES = {"peer.qemu_img", "twin.merge_scattered", "coalesce.scattered_holes",
                "imaging.pipeline", "imaging.virtual", "lz4.2threads", "memory.flatten",
-               "memory.imaging"}
+               "memory.imaging", "repo.first_image", "repo.incremental_growth",
+               "repo.clone_growth", "repo.restore", "memory.repo"}

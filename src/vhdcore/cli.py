@@ -963,8 +963,9 @@ def _p_image(sub: Any) -> None:
               "image leaf.vhd --to s3://bucket/web01.vhd --timeout 600",
               "image leaf.vhd --to swift://images/web01 --resume"])
     s.add_argument("leaf", help="the newest disk of the chain")
-    s.add_argument("--to", required=True, metavar="URL", type=_store_url,
+    s.add_argument("--to", metavar="URL",
                    help="file:///dir/name, swift://container/name or s3://bucket/key")
+    _repo_image_options(s)
     s.add_argument("--timeout", type=_seconds, metavar="S",
                    help="stop after S seconds with a resumable state (exit 4)")
     s.add_argument("--coalesce-timeout", type=_seconds, metavar="S",
@@ -996,6 +997,14 @@ def _p_image(sub: Any) -> None:
 def _image(ns: argparse.Namespace) -> int:
     from .imaging import EVENT_VERSION, create_image, job_state_path
 
+    if _repo_mode(ns):
+        from .repo.cli import run_image
+
+        ns._chain_options = _chain_options(ns)
+        return run_image(ns, _job_progress(ns, _display(ns)))
+    if not ns.to:
+        raise UsageError("image needs --to URL (or --repo URL --name NAME)")
+    _check_url(ns.to)
     display = _display(ns)
     try:
         res = create_image(
@@ -1042,8 +1051,10 @@ def _p_restore(sub: Any) -> None:
              "everything matched; an existing OUT is refused unless --force.",
              ["restore swift://images/web01 web01.vhd",
               "restore file:///srv/images/web01 disk.raw --format raw"])
-    s.add_argument("url", type=_store_url, metavar="URL", help="the stored image")
+    s.add_argument("url", metavar="URL",
+                   help="the stored image; with --repo: NAME[@ID] (newest without @ID)")
     s.add_argument("out", help="the output file")
+    _repo_option(s)
     s.add_argument("--format", choices=("vhd", "raw"), default="vhd")
     s.add_argument("--concurrency", type=_POSITIVE, default=4, metavar="N",
                    help="parallel segment downloads (default 4)")
@@ -1057,6 +1068,11 @@ def _p_restore(sub: Any) -> None:
 def _restore(ns: argparse.Namespace) -> int:
     from .store import restore
 
+    if _repo_mode(ns):
+        from .repo.cli import run_restore
+
+        return run_restore(ns)
+    _check_url(ns.url)
     _refuse_existing(ns.out, ns.force)
     display = _display(ns)
     try:
@@ -1077,19 +1093,15 @@ def _restore(ns: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ ls / rm / verify
-def _add_repo_option(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--repo", metavar="URL",
-                   help="a repository instead of a URL (needs a build with repositories)")
-
-
-def _one_target(ns: argparse.Namespace) -> None:
-    if (ns.url is None) == (getattr(ns, "repo", None) is None):
-        raise UsageError("give exactly one of URL or --repo URL")
-
-
-def _repo_mode(ns: argparse.Namespace) -> int:
-    """Where the repository forms of ls and verify plug in; this build has none."""
-    raise UsageError("repositories are not supported by this build of vhdcore")
+def _check_url(url: str | None, prefix: bool = False) -> str:
+    """A single-object store URL (or, with ``prefix``, a listing prefix),
+    else a usage error that lists the supported forms."""
+    if url is None:
+        raise UsageError("give a URL, or --repo URL for a repository")
+    try:
+        return (_store_prefix if prefix else _store_url)(url)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _iso(t: float | None) -> str | None:
@@ -1105,9 +1117,10 @@ def _p_ls(sub: Any) -> None:
              "bucket, optionally with a name prefix): size stored, virtual size, date "
              "(UTC) and whether each is complete or an interrupted upload.",
              ["ls swift://images", "ls swift://images/web --json", "ls file:///srv/images/"])
-    s.add_argument("url", nargs="?", type=_store_prefix, metavar="URL",
-                   help="file:///dir/, swift://container[/prefix] or s3://bucket[/prefix]")
-    _add_repo_option(s)
+    s.add_argument("url", nargs="?", metavar="URL",
+                   help="file:///dir/, swift://container[/prefix] or s3://bucket[/prefix]; "
+                        "with --repo: only the images of this NAME")
+    _repo_option(s)
     s.add_argument("--json", action="store_true", help="print JSON (sizes in exact bytes)")
 
 
@@ -1115,10 +1128,11 @@ def _p_ls(sub: Any) -> None:
 def _ls(ns: argparse.Namespace) -> int:
     from .store import list_images
 
-    _one_target(ns)
-    if ns.repo is not None:
-        return _repo_mode(ns)
-    entries = list_images(ns.url)
+    if _repo_mode(ns):
+        from .repo.cli import run_ls
+
+        return run_ls(ns)
+    entries = list_images(_check_url(ns.url, prefix=True))
     if ns.json:
         _print_json([{"name": e.name, "url": e.url, "size": e.size,
                       "virtual_size": e.virtual_size, "segments": e.segments,
@@ -1177,8 +1191,13 @@ def _p_verify(sub: Any) -> None:
              "segment's MD5, the lz4 frames, the stream's size and SHA-256) without writing "
              "a file. Exit 1 when anything does not match.",
              ["verify swift://images/web01", "verify s3://bucket/web01.vhd --json"])
-    s.add_argument("url", nargs="?", type=_store_url, metavar="URL", help="the stored image")
-    _add_repo_option(s)
+    s.add_argument("url", nargs="?", metavar="URL",
+                   help="the stored image; with --repo: NAME[@ID] (default: every image)")
+    _repo_option(s)
+    s.add_argument("--read-data", action="store_true",
+                   help="with --repo: read and re-hash every chunk (or --subset of them)")
+    s.add_argument("--subset", metavar="N/T", help="with --repo --read-data: check the N-th "
+                   "of T slices of the chunks (by ID)")
     s.add_argument("--concurrency", type=_POSITIVE, default=4, metavar="N",
                    help="parallel segment downloads (default 4)")
     out = s.add_mutually_exclusive_group()
@@ -1190,9 +1209,11 @@ def _p_verify(sub: Any) -> None:
 def _verify(ns: argparse.Namespace) -> int:
     from .store import verify
 
-    _one_target(ns)
-    if ns.repo is not None:
-        return _repo_mode(ns)
+    if _repo_mode(ns):
+        from .repo.cli import run_verify
+
+        return run_verify(ns)
+    _check_url(ns.url)
     display = _display(ns)
     try:
         man = verify(ns.url, concurrency=ns.concurrency, progress=display.pair("verify"))
@@ -1401,6 +1422,74 @@ def build_parser() -> argparse.ArgumentParser:
 #: functions that add subcommands defined in other modules (kept for
 #: compatibility; new subcommands in this file use @_subparser)
 _EXTRA_PARSERS: list[Callable[[Any], None]] = []
+
+
+# ------------------------------------------------------------------ repository (vhdcore.repo)
+def _repo_mode(ns: argparse.Namespace) -> bool:
+    """``--repo`` given, or ``$VHDCORE_REPO`` set and no single-object target
+    (``image`` without ``--to``; ``restore`` of a NAME rather than a URL)."""
+    if getattr(ns, "repo", None):
+        return True
+    if not os.environ.get("VHDCORE_REPO"):
+        return False
+    if ns.command == "image":
+        return not ns.to
+    if ns.command == "restore":
+        return "://" not in ns.url
+    if ns.command in ("ls", "verify"):
+        return ns.url is None or "://" not in ns.url
+    return False
+
+
+def _repo_option(s: argparse.ArgumentParser) -> None:
+    from .repo.cli import add_repo_option
+
+    add_repo_option(s)
+
+
+def _repo_image_options(s: argparse.ArgumentParser) -> None:
+    from .repo.cli import add_image_options
+
+    add_image_options(s)
+
+
+def _register_repo(sub: Any) -> None:
+    from .repo import cli as rc
+
+    rc.add_repo_parser(sub)
+    for add in (rc.add_export_parser, rc.add_forget_parser, rc.add_gc_parser):
+        add(sub)
+
+
+_EXTRA_PARSERS.append(_register_repo)
+
+
+@_command("repo")
+def _repo(ns: argparse.Namespace) -> int:
+    from .repo.cli import run_repo
+
+    return run_repo(ns)
+
+
+@_command("export")
+def _export(ns: argparse.Namespace) -> int:
+    from .repo.cli import run_export
+
+    return run_export(ns)
+
+
+@_command("forget")
+def _forget(ns: argparse.Namespace) -> int:
+    from .repo.cli import run_forget
+
+    return run_forget(ns)
+
+
+@_command("gc")
+def _gc(ns: argparse.Namespace) -> int:
+    from .repo.cli import run_gc
+
+    return run_gc(ns)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

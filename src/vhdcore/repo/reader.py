@@ -1,0 +1,299 @@
+"""Reading images back: restore (VHD or raw) and export to the stream format.
+
+Readers go in the reverse order of writers: manifest, then index (checked
+against the manifest's digest), then chunks (each checked against its ID).
+A lease pins the image while it is read, so a concurrent ``forget`` + ``gc``
+cannot remove its chunks.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ..chain import aligned_buffer
+from ..errors import VhdError
+from .core import ImageRef, Repository, open_repo
+from .format import ID_SIZE, RepoFormatError, chunk_key, decode_chunk, nonzero_rows, parse_ref
+
+__all__ = ["restore", "export", "iter_chunks", "iter_stream", "fetch_chunk"]
+
+
+def fetch_chunk(repo: Repository, cid: bytes, where: str = "") -> bytes:
+    """The raw bytes of chunk ``cid``, checked against its ID."""
+    from ..errors import StoreNotFoundError
+
+    key = chunk_key(cid)
+    try:
+        obj = repo.backend.get(key)
+    except StoreNotFoundError:
+        raise RepoFormatError(f"{repo.url}: chunk {cid.hex()} is missing{where}") from None
+    raw = decode_chunk(obj, f"{repo.url}: chunk {cid.hex()}{where}")
+    if repo.chunk_id(raw) != cid:
+        raise RepoFormatError(f"{repo.url}: chunk {cid.hex()}{where} does not hash to its ID "
+                              "(damaged)")
+    return raw
+
+
+def iter_chunks(repo: Repository, ids: np.ndarray, *, concurrency: int = 4,
+                where: str = "") -> Iterator[tuple[int, bytes]]:
+    """``(position, raw bytes)`` of every non-zero chunk of ``ids``, in order,
+    fetched ``concurrency`` at a time (at most ``2 * concurrency`` in memory)."""
+    nonzero = np.nonzero(nonzero_rows(ids))[0]
+    with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="vhdcore-repo-get") as pool:
+        window: deque[tuple[int, Future[bytes]]] = deque()
+        it = iter(nonzero.tolist())
+        try:
+            for c in it:
+                window.append((c, pool.submit(fetch_chunk, repo, ids[c].tobytes(), where)))
+                if len(window) >= 2 * concurrency:
+                    break
+            while window:
+                c, fut = window.popleft()
+                raw = fut.result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    window.append((nxt, pool.submit(fetch_chunk, repo, ids[nxt].tobytes(),
+                                                    where)))
+                yield c, raw
+        finally:
+            for _, f in window:
+                f.cancel()
+
+
+def _open(repo_url: str | Repository | None, ref: str | ImageRef
+          ) -> tuple[Repository, bool, ImageRef]:
+    repo = repo_url if isinstance(repo_url, Repository) else open_repo(repo_url)
+    own = not isinstance(repo_url, Repository)
+    try:
+        if isinstance(ref, ImageRef):
+            r = ref
+        else:
+            name, image_id = parse_ref(ref)
+            r = repo.resolve(name, image_id)
+    except BaseException:
+        if own:
+            repo.close()
+        raise
+    return repo, own, r
+
+
+def iter_stream(repo: Repository, man: dict[str, Any], ids: np.ndarray, *,
+                concurrency: int = 4, where: str = ""
+                ) -> Iterator[tuple[str, bytes | memoryview, memoryview | None]]:
+    """The image as the uncompressed stream of ``image --to``: ``("head",
+    footer copy + dynamic header + BAT, None)``, then ``("block", bitmap,
+    data)`` per block holding data, then ``("tail", footer, None)``.  Block
+    pieces are views of reused buffers (valid until the next item)."""
+    from .. import kernels
+    from ..coalesce import DynamicLayout
+
+    bs, cs, vsize = man["block_size"], man["chunk_size"], man["virtual_size"]
+    nblocks = -(-vsize // bs)
+    stream = man.get("stream")
+    stream = stream if isinstance(stream, dict) else {}
+    uid: bytes | None = None
+    try:
+        uid = bytes.fromhex(stream["uuid"])
+    except (KeyError, TypeError, ValueError):
+        pass
+    if uid is not None and len(uid) != 16:
+        uid = None
+    ts = stream.get("timestamp")
+    if not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts < 1 << 32:
+        ts = None
+    layout = DynamicLayout(vsize, bs, unique_id=uid, timestamp=ts)
+    nonzero = nonzero_rows(ids)
+    if cs <= bs:
+        per = bs // cs
+        pad = np.zeros(nblocks * per, dtype=bool)
+        pad[:len(nonzero)] = nonzero
+        stored_mask = pad.reshape(nblocks, per).any(axis=1)
+    else:
+        per = cs // bs
+        stored_mask = np.repeat(nonzero, per)[:nblocks]
+    stored = np.nonzero(stored_mask)[0]
+    # blocks of a non-zero chunk larger than a block may be all zero: still
+    # stored (with an empty bitmap), since the head is written first
+    yield "head", layout.head(stored.tolist()), None
+    zeros = bytes(bs)
+    bm = aligned_buffer(layout.bitmap_size)
+    data = aligned_buffer(bs)
+    chunks = iter_chunks(repo, ids, concurrency=concurrency, where=where)
+    pending: tuple[int, bytes] | None = next(chunks, None)
+    for b in stored.tolist():
+        n = min(bs // 512, -(-(vsize - b * bs) // 512))
+        data[:] = zeros
+        start, end = b * bs, b * bs + bs
+        # copy every chunk overlapping [start, end)
+        while pending is not None and pending[0] * cs < end:
+            c, raw = pending
+            cstart = c * cs
+            lo, hi = max(start, cstart), min(end, cstart + len(raw))
+            if hi > lo:
+                data[lo - start:hi - start] = raw[lo - cstart:hi - cstart]
+            if cstart + cs <= end:
+                pending = next(chunks, None)
+            else:
+                break
+        bm[:] = bytes(len(bm))
+        full, rest = divmod(n, 8)
+        bm[:full] = b"\xff" * full
+        if rest:
+            bm[full] = (0xFF << (8 - rest)) & 0xFF
+        kernels.clear_zero_sectors(bm, data, n)
+        yield "block", bm, data
+    yield "tail", layout.tail(), None
+
+
+def _load(repo: Repository, r: ImageRef, *, allow_damaged: bool = False
+          ) -> tuple[dict[str, Any], np.ndarray]:
+    man = repo.manifest(r)
+    ids = repo.index(r, man)
+    # repo.index() checked the ID array against its digest and the manifest's
+    return man, ids
+
+
+def _remove(path: str | None) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def restore(repo_url: str | Repository | None, ref: str | ImageRef, out: str | os.PathLike[str],
+            *, format: str = "vhd", concurrency: int = 4,
+            progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Write image ``ref`` (``NAME`` for the newest, or ``NAME@ID``) of the
+    repository to ``out`` as a sparse dynamic VHD (the same bytes ``image
+    --to`` stores) or a raw disk.  Every chunk is checked against its ID and
+    the index against the image digest; on any mismatch (or other failure)
+    nothing is left at ``out``.  Returns the image's manifest."""
+    if format not in ("vhd", "raw"):
+        raise VhdError(f"format must be vhd or raw, not {format!r}")
+    repo, own, r = _open(repo_url, ref)
+    out = os.fspath(out)
+    tmp: str | None = None
+    try:
+        with repo.lease("restore", image=str(r)):
+            man, ids = _load(repo, r)
+            where = f" (image {r})"
+            d = os.path.dirname(os.path.abspath(out))
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(out)}.",
+                                       suffix=".partial")
+            try:
+                if format == "raw":
+                    cs, vsize = man["chunk_size"], man["virtual_size"]
+                    os.ftruncate(fd, vsize)
+                    done = 0
+                    for c, raw in iter_chunks(repo, ids, concurrency=concurrency, where=where):
+                        os.pwrite(fd, raw, c * cs)
+                        done += len(raw)
+                        if progress is not None:
+                            progress(c * cs + len(raw), vsize)
+                else:
+                    pos = 0
+                    for _kind, a, b in iter_stream(repo, man, ids, concurrency=concurrency,
+                                                   where=where):
+                        for piece in (a, b):
+                            if piece is None:
+                                continue
+                            mv = memoryview(piece)
+                            while mv:
+                                k = os.pwrite(fd, mv, pos)
+                                pos += k
+                                mv = mv[k:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, out)
+            tmp = None
+            return man
+    finally:
+        _remove(tmp)
+        if own:
+            repo.close()
+
+
+def export(repo_url: str | Repository | None, ref: str | ImageRef, to_url: str, *,
+           concurrency: int = 4, threads: int = 2,
+           store_options: dict[str, Any] | None = None) -> dict[str, str]:
+    """Write image ``ref`` to ``to_url`` in the single-object stream format of
+    ``image --to`` (lz4 frames, segmented; ``lz4 -d`` and ``restore URL``
+    open it).  For an image of a chain, the stream is byte for byte what
+    ``image --to`` of that chain stores.  Returns the stream's metadata."""
+    from ..compress import compress_frame, frame_bound
+    from ..store import SegmentUploader, choose_segment_size, image_metadata, open_store
+    from ..store.upload import pack_segments
+
+    repo, own, r = _open(repo_url, ref)
+    try:
+        with repo.lease("export", image=str(r)):
+            man, ids = _load(repo, r)
+            store = open_store(to_url, **(store_options or {}))
+            try:
+                from ..coalesce import DynamicLayout
+
+                layout = DynamicLayout(man["virtual_size"], man["block_size"])
+                nonzero_blocks = nonzero_rows(ids).sum() * max(1, man["chunk_size"]
+                                                              // man["block_size"])
+                stream_bound = layout.stream_size(int(nonzero_blocks))
+                seg = choose_segment_size(frame_bound(stream_bound) + 64 * int(nonzero_blocks),
+                                          store.segment_limits(),
+                                          max_frame_size=frame_bound(layout.block_stride))
+                limits = store.segment_limits()
+                if limits.min_segment_size > 1:
+                    seg = max(seg, -(-(limits.min_segment_size + frame_bound(
+                        layout.block_stride) + 4096) // (1 << 20)) << 20)
+                sha = hashlib.sha256()
+                size = 0
+                nblocks = 0
+
+                def frames() -> Iterator[bytes]:
+                    nonlocal size, nblocks
+                    pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="vhdcore-lz4")
+                    win: deque[Future[bytes]] = deque()
+                    try:
+                        for kind, a, b in iter_stream(repo, man, ids, concurrency=concurrency,
+                                                      where=f" (image {r})"):
+                            if b is not None:
+                                buf = b"".join((a, b))
+                                nblocks += 1
+                            else:
+                                buf = bytes(a)
+                            sha.update(buf)
+                            size += len(buf)
+                            win.append(pool.submit(compress_frame, buf))
+                            while len(win) > 2 * threads:
+                                yield win.popleft().result()
+                        while win:
+                            yield win.popleft().result()
+                    finally:
+                        pool.shutdown(wait=True, cancel_futures=True)
+
+                with SegmentUploader(store, concurrency=concurrency) as up:
+                    for index, data in pack_segments(frames(), seg):
+                        up.submit(index, data)
+                    meta = image_metadata(sha256=sha.hexdigest(), stream_size=size,
+                                          virtual_size=man["virtual_size"],
+                                          **{"block-size": str(man["block_size"]),
+                                             "blocks-stored": str(nblocks),
+                                             "fs-aware": "yes" if man.get("fs_aware") else "no",
+                                             "repo-image": str(r)})
+                    manifest = up.finish(meta)
+                return dict(manifest.metadata)
+            finally:
+                store.close()
+    finally:
+        if own:
+            repo.close()
+
+
+_ = ID_SIZE
