@@ -610,6 +610,17 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_PARSERS: list[Callable[[Any], None]] = []
 
 
+def _add_fleet_parsers(sub: Any) -> None:
+    """``worker``, ``submit``, ``jobs``, ``cancel``: the fleet (vhdcore[fleet]);
+    the handlers import Celery and redis-py only when they run."""
+    from .fleet.cli import add_parsers
+
+    add_parsers(sub, _COMMANDS)
+
+
+_EXTRA_PARSERS.append(_add_fleet_parsers)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``) and
     return the exit code (see this module's docstring)."""
