@@ -52,7 +52,8 @@ def _submit(ns: argparse.Namespace) -> int:
     if ns.to is None and ns.repo is None:
         raise FleetError("give --to URL or --repo URL --name NAME")
     spec = JobSpec(leaf=ns.leaf, host=ns.host, to=ns.to, repo=ns.repo, name=ns.name,
-                   timeout=ns.timeout, fs_aware=ns.fs_aware)
+                   timeout=ns.timeout, fs_aware=ns.fs_aware,
+                   segment_size=parse_size(ns.segment_size) if ns.segment_size else None)
     client = FleetClient(ns.broker)
     jid, created = client.submit(spec, max_attempts=ns.max_attempts)
     if ns.json:
@@ -162,6 +163,8 @@ def add_parsers(sub: Any, commands: dict[str, Handler]) -> None:
                    help="each attempt stops after S seconds, resumable, and is re-queued")
     s.add_argument("--max-attempts", type=int, metavar="N",
                    help="attempts before the job is left stopped (default 3)")
+    s.add_argument("--segment-size", metavar="SIZE",
+                   help="segment size, as for `vhdcore image` (default: from the image size)")
     s.add_argument("--no-fs-aware", dest="fs_aware", action="store_false",
                    help="store every non-zero block (default: skip free space)")
     s.add_argument("--json", action="store_true", help="print JSON")

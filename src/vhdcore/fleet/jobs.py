@@ -52,6 +52,7 @@ class JobSpec:
     name: str | None = None
     timeout: float | None = None
     fs_aware: bool = True
+    segment_size: int | None = None
 
     def __post_init__(self) -> None:
         if not self.host or any(c.isspace() for c in self.host):
@@ -163,9 +164,11 @@ def spec_from_record(rec: dict[str, str]) -> JobSpec:
     """The :class:`JobSpec` a record was submitted with (FleetError if damaged)."""
     try:
         timeout = float(rec["timeout"]) if rec.get("timeout") else None
+        seg = int(rec["segment_size"]) if rec.get("segment_size") else None
         return JobSpec(leaf=rec["leaf"], host=rec["host"], to=rec.get("to") or None,
                        repo=rec.get("repo") or None, name=rec.get("name") or None,
-                       timeout=timeout, fs_aware=rec.get("fs_aware", "1") == "1")
+                       timeout=timeout, fs_aware=rec.get("fs_aware", "1") == "1",
+                       segment_size=seg)
     except (KeyError, ValueError) as exc:
         raise FleetError(f"job record {rec.get('id')!r} is damaged ({exc})") from None
 
@@ -216,7 +219,9 @@ class FleetClient:
         fields = {"id": jid, "host": spec.host, "leaf": spec.leaf, "target": spec.target,
                   "to": spec.to or "", "repo": spec.repo or "", "name": spec.name or "",
                   "timeout": "" if spec.timeout is None else repr(spec.timeout),
-                  "fs_aware": "1" if spec.fs_aware else "0", "state": QUEUED, "stage": "queued",
+                  "fs_aware": "1" if spec.fs_aware else "0",
+                  "segment_size": "" if spec.segment_size is None else str(spec.segment_size),
+                  "state": QUEUED, "stage": "queued",
                   "percent": "0", "attempts": "0",
                   "max_attempts": str(max_attempts or self.settings.max_attempts),
                   "created": repr(now), "updated": repr(now), "error": ""}
@@ -319,16 +324,19 @@ return st
 
 def submit(leaf: str, host: str, *, to: str | None = None, repo: str | None = None,
            name: str | None = None, timeout: float | None = None, fs_aware: bool = True,
-           max_attempts: int | None = None, broker: str | None = None) -> str:
+           segment_size: int | None = None, max_attempts: int | None = None,
+           broker: str | None = None) -> str:
     """Queue the imaging of ``leaf`` on ``host`` and return the job's ID.
 
     Give ``to`` (a store URL) or ``repo`` and ``name``.  The same (host,
     leaf, target) gives the same ID, and submitting it again while it is
     queued, running or done returns it without queuing it twice.
-    ``broker`` defaults to ``$VHDCORE_BROKER``.
+    ``segment_size`` is as for ``vhdcore image --segment-size``; ``max_attempts``
+    bounds the runs of a job that keeps stopping at its timeout.  ``broker``
+    defaults to ``$VHDCORE_BROKER``.
     """
     spec = JobSpec(leaf=leaf, host=host, to=to, repo=repo, name=name, timeout=timeout,
-                   fs_aware=fs_aware)
+                   fs_aware=fs_aware, segment_size=segment_size)
     return FleetClient(broker).submit(spec, max_attempts=max_attempts)[0]
 
 

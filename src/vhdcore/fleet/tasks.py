@@ -34,6 +34,8 @@ from .lease import Lease
 __all__ = ["make_app", "run_imaging", "TASK_NAME"]
 
 TASK_NAME = "vhdcore.fleet.image"
+#: the hardened Redis transport; kombu loads it by name (see _transport.py)
+TRANSPORT = "vhdcore.fleet._transport:Transport"
 log = logging.getLogger("vhdcore.fleet")
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -54,7 +56,7 @@ def run_imaging(spec: JobSpec, *, progress: Callable[[Any], None] | None,
         resume = os.path.exists(job_state_path(spec.to, state_dir))
         res = create_image(spec.leaf, spec.to, timeout=spec.timeout, resume=resume,
                            state_dir=state_dir, progress=progress, fs_aware=spec.fs_aware,
-                           upload_gate=upload_gate)
+                           segment_size=spec.segment_size, upload_gate=upload_gate)
         return asdict(res)
     try:
         repo = importlib.import_module("vhdcore.repo")
@@ -85,6 +87,8 @@ def make_app(settings: FleetSettings, *, client: bool = False,
         "health_check_interval": 10,
     }
     app.conf.update(
+        broker_transport=TRANSPORT if settings.broker.startswith(("redis://", "rediss://",
+                                                                  "unix://")) else None,
         task_serializer="json", result_serializer="json", accept_content=["json"],
         task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
         task_track_started=True, result_expires=7 * 86400,
