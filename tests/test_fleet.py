@@ -1,8 +1,11 @@
 """The fleet (vhdcore[fleet]): real Celery workers on a real Redis.
 
-Redis comes from scripts/test.sh (VHDCORE_TEST_REDIS_URL, VHDCORE_TEST_REDIS_DIR);
-without it a private redis-server is started when the binary exists, else
-the tests call server_missing().  Workers are real processes
+Redis comes from scripts/test.sh (VHDCORE_TEST_REDIS_URL, and
+VHDCORE_TEST_REDIS_DIR for the restart test); without it the tests call
+server_missing().  By hand::
+
+    D=$(mktemp -d); python3 scripts/redis_server.py start --dir $D
+    eval "$(python3 scripts/redis_server.py env --dir $D)"  Workers are real processes
 (``python -m vhdcore worker``), one per fake host, and every image they make
 is restored and compared byte for byte with the chain read directly.
 
@@ -16,7 +19,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -51,30 +53,21 @@ def _server_module() -> Any:
 
 
 @pytest.fixture(scope="module")
-def redis_srv(tmp_path_factory: Any) -> Any:
-    """(url, RedisServer or None): the Redis of the test run."""
-    mod = _server_module()
+def redis_srv() -> Any:
+    """(url, RedisServer or None): the Redis that scripts/test.sh started."""
     url = os.environ.get("VHDCORE_TEST_REDIS_URL")
-    srv = None
-    own = False
-    if url:
-        d = os.environ.get("VHDCORE_TEST_REDIS_DIR")
-        srv = mod.RedisServer(d) if d and (Path(d) / "redis.conf").exists() else None
-    elif shutil.which("redis-server"):
-        srv = mod.RedisServer(tmp_path_factory.mktemp("redis"))
-        url = srv.start()
-        own = True
-    else:
-        server_missing("no Redis: VHDCORE_TEST_REDIS_URL unset and redis-server not installed")
+    if not url:
+        server_missing("no Redis: VHDCORE_TEST_REDIS_URL unset (start one with "
+                       "scripts/redis_server.py, see its docstring)")
+    d = os.environ.get("VHDCORE_TEST_REDIS_DIR")
+    srv = _server_module().RedisServer(d) if d and (Path(d) / "redis.conf").exists() else None
     r = redis.Redis.from_url(url, socket_connect_timeout=3)
     try:
         r.ping()
     except redis.RedisError as exc:
         server_missing(f"Redis at {url} does not answer: {exc}")
     r.flushdb()
-    yield url, srv
-    if own:
-        srv.stop()
+    return url, srv
 
 
 @pytest.fixture(scope="module")
@@ -373,6 +366,30 @@ def test_sigkill_mid_upload_resumes_on_redelivery(client: Any, redis_srv: Any,
     assert_restored_equal(url, chains[0], tmp_path)
 
 
+def test_job_longer_than_the_redelivery_timeout_runs_once(client: Any, chains: list[Path],
+                                                          tmp_path: Path, rcli: Any) -> None:
+    """A running job keeps its message from being redelivered (a second pool
+    process is idle and would take it) and holds its lock throughout."""
+    from vhdcore.fleet import set_upload_budget
+
+    host = f"long-{uuid.uuid4().hex[:6]}"
+    w = Worker(client.url, host, tmp_path, *FAST, "--concurrency", "2")
+    url = f"file://{tmp_path}/long"
+    try:
+        w.wait_ready()
+        set_upload_budget(int(1.5 * MiB), broker=client.url)
+        jid = client.submit(JobSpec(str(chains[2]), host, to=url, fs_aware=False,
+                                    segment_size=MiB))[0]
+        info = wait_for(client, jid, timeout=120)
+    finally:
+        w.stop()
+    took = info.updated - info.created
+    assert took > 6 + 1, f"the job took {took:.1f} s, not longer than the redelivery timeout"
+    assert w.log.read_text().count(f"[{jid}] received") == 1
+    assert len([r for r in runs(rcli, jid) if "start" in r]) == 1 and info.attempts == 1
+    assert_restored_equal(url, chains[2], tmp_path)
+
+
 def test_redis_restart_mid_job_loses_nothing(client: Any, redis_srv: Any, workers: Any,
                                              chains: list[Path], tmp_path: Path) -> None:
     url_broker, srv = redis_srv
@@ -429,6 +446,38 @@ def test_cancel(client: Any, chains: list[Path], tmp_path: Path) -> None:
     # submitting a cancelled job again queues it again under the same ID
     assert client.submit(JobSpec(str(chains[0]), client.get(jid).host,
                                  to=f"file://{tmp_path}/c", fs_aware=False)) == (jid, True)
+
+
+def test_cancel_a_running_job_then_resume_it(client: Any, workers: Any, chains: list[Path],
+                                             tmp_path: Path, rcli: Any) -> None:
+    from vhdcore.fleet import set_upload_budget
+
+    set_upload_budget(2 * MiB, broker=client.url)
+    url = f"file://{tmp_path}/cancel-running"
+    spec = JobSpec(str(chains[1]), "hostB", to=url, fs_aware=False, segment_size=MiB)
+    jid = client.submit(spec)[0]
+    wait_for(client, jid, cond=lambda i: i.stage == "uploading" and i.bytes_done > 0)
+    assert client.cancel(jid).state == "running"  # stops at its next safe point
+    info = wait_for(client, jid, states=("cancelled",), timeout=60)
+    assert "submit it again" in info.error
+    assert not (tmp_path / "cancel-running.manifest.json").exists()
+    client.r.delete("vhdcore:fleet:budget")
+    assert client.submit(spec) == (jid, True)
+    info = wait_for(client, jid)
+    assert info.result["resumed"]
+    assert_restored_equal(url, chains[1], tmp_path)
+
+
+def test_repo_mode_without_the_repository_fails_clearly(client: Any, workers: Any,
+                                                        chains: list[Path]) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vhdcore.repo") is not None:
+        pytest.skip("vhdcore.repo exists: its fleet test belongs with the repository's")
+    jid = client.submit(JobSpec(str(chains[0]), "hostA", repo="file:///nowhere/repo",
+                                name="img"))[0]
+    info = wait_for(client, jid, states=("failed",))
+    assert "vhdcore.repo" in info.error
 
 
 def test_fleet_upload_budget(client: Any, workers: Any, redis_srv: Any, chains: list[Path],

@@ -36,6 +36,8 @@ __all__ = ["make_app", "run_imaging", "TASK_NAME"]
 TASK_NAME = "vhdcore.fleet.image"
 #: the hardened Redis transport; kombu loads it by name (see _transport.py)
 TRANSPORT = "vhdcore.fleet._transport:Transport"
+#: the Redis transport's index of unacknowledged messages (kombu's default key)
+UNACKED_INDEX = "unacked_index"
 log = logging.getLogger("vhdcore.fleet")
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -207,9 +209,16 @@ def _run_locked(task: Any, settings: FleetSettings, state_dir: str | None, r: An
                 stop["raised"] = True
                 raise KeyboardInterrupt(stop["reason"])
 
-    def watch_cancel() -> None:
+    tag = (getattr(task.request, "properties", None) or {}).get("delivery_tag")
+
+    def on_tick() -> None:
         if r.hget(key, "cancel") == "1":
             request_stop("cancelled")
+        if tag:
+            # keep our unacknowledged message from being handed out again while
+            # we run: the transport redelivers what it has not seen for
+            # visibility_timeout seconds, and a job may run for hours
+            r.zadd(UNACKED_INDEX, {tag: time.time()}, xx=True)
 
     def progress(ev: Any) -> None:
         _publish(r, settings, job, spec.host, attempt, ev)
@@ -217,7 +226,7 @@ def _run_locked(task: Any, settings: FleetSettings, state_dir: str | None, r: An
             check_stop()
 
     budget = UploadBudget(settings, client=r)
-    lease.keep(lambda why: request_stop("lease: " + why), also=watch_cancel)
+    lease.keep(lambda why: request_stop("lease: " + why), also=on_tick)
     outcome: str
     try:
         result = run_imaging(spec, progress=progress,
