@@ -350,6 +350,9 @@ def test_sigkill_mid_upload_resumes_on_redelivery(client: Any, redis_srv: Any,
         before = set(segment_files(url))
         assert before, "nothing was uploaded before the kill"
         assert client.get(jid).state == "running"
+        # the lease runs out (3 s): the job shows its worker lost
+        wait_for(client, jid, cond=lambda i: i.status == "worker lost, redelivering",
+                 timeout=30)
         w = Worker(client.url, host, tmp_path, *FAST)
         w.wait_ready()
         info = wait_for(client, jid, timeout=90)

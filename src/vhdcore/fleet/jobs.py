@@ -110,6 +110,9 @@ class JobInfo:
     updated: float = 0.0
     requeued: bool = False
     host_online: bool = False
+    #: False when the job is recorded as running but its lock's lease ran
+    #: out: its worker died and the job waits for redelivery
+    lease_alive: bool = True
     result: dict[str, Any] | None = None
     progress: dict[str, Any] | None = None
     extra: dict[str, str] = field(default_factory=dict)
@@ -120,6 +123,8 @@ class JobInfo:
         has no worker, "stopped (resumable)" for a job stopped at its timeout."""
         if self.state == QUEUED and not self.host_online:
             return "waiting for host"
+        if self.state == RUNNING and not self.lease_alive:
+            return "worker lost, redelivering"
         if self.state == STOPPED:
             return "stopped (resumable)" + (", re-queued" if self.requeued else "")
         return self.state
@@ -131,11 +136,13 @@ class JobInfo:
                 "bytes_total": self.bytes_total, "rate": self.rate, "eta": self.eta,
                 "error": self.error or None, "attempts": self.attempts,
                 "max_attempts": self.max_attempts, "worker": self.worker or None,
-                "host_online": self.host_online, "created": self.created,
+                "host_online": self.host_online, "lease_alive": self.lease_alive,
+                "created": self.created,
                 "updated": self.updated, "result": self.result, "progress": self.progress}
 
     @classmethod
-    def from_record(cls, rec: dict[str, str], host_online: bool) -> JobInfo:
+    def from_record(cls, rec: dict[str, str], host_online: bool,
+                    lease_alive: bool = True) -> JobInfo:
         prog = _loads(rec.get("progress"))
         eta = rec.get("eta")
         return cls(
@@ -148,6 +155,7 @@ class JobInfo:
             max_attempts=int(rec.get("max_attempts") or 0), worker=rec.get("worker", ""),
             created=float(rec.get("created") or 0), updated=float(rec.get("updated") or 0),
             requeued=rec.get("requeued") == "1", host_online=host_online,
+            lease_alive=lease_alive,
             result=_loads(rec.get("result")), progress=prog)
 
 
@@ -253,7 +261,8 @@ class FleetClient:
         rec = self._redis(lambda: self.r.hgetall(self.keys.job(full)))
         if not rec:
             raise FleetError(f"no job {jid}")
-        return JobInfo.from_record(rec, self._host_online(rec.get("host", "")))
+        return JobInfo.from_record(rec, self._host_online(rec.get("host", "")),
+                                   bool(self.r.exists(self.keys.lock(full))))
 
     def resolve(self, jid: str) -> str:
         if self.r.exists(self.keys.job(jid)):
@@ -275,7 +284,9 @@ class FleetClient:
         hosts = sorted({r.get("host", "") for r in recs})
         online = dict(zip(hosts, (bool(x) for x in self._exists_many(
             [self.keys.host(h) for h in hosts]))))
-        return [JobInfo.from_record(r, online.get(r.get("host", ""), False)) for r in recs]
+        locks = self._exists_many([self.keys.lock(r.get("id", "")) for r in recs])
+        return [JobInfo.from_record(r, online.get(r.get("host", ""), False), bool(lk))
+                for r, lk in zip(recs, locks)]
 
     def events(self, jid: str) -> list[dict[str, Any]]:
         """The job's latest progress events, oldest first."""

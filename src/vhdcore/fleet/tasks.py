@@ -225,6 +225,7 @@ def _run_locked(task: Any, settings: FleetSettings, state_dir: str | None, r: An
         if ev.stage not in ("failed", "done"):
             check_stop()
 
+    redis_errors = (require_extra("redis").ConnectionError, require_extra("redis").TimeoutError)
     budget = UploadBudget(settings, client=r)
     lease.keep(lambda why: request_stop("lease: " + why), also=on_tick)
     outcome: str
@@ -240,9 +241,14 @@ def _run_locked(task: Any, settings: FleetSettings, state_dir: str | None, r: An
             _update(r, key, state=CANCELLED, requeued="0",
                     error="cancelled; submit it again to resume")
         elif reason is not None:
-            # our lease is gone: another run may own the job now; leave it be
-            outcome = "lost"
-            log.error("job %s: stopped, %s", job, reason)
+            # our lease is gone (the broker was away too long, or another run
+            # took the job): look again later, when the job is done, held by
+            # that other run, or free to resume
+            log.error("job %s: stopped, %s; looking again in %.0f s", job, reason,
+                      settings.lease)
+            _end_run(r, keys.runs(job), attempt, "lost")
+            raise task.retry(queue=queue_name(spec.host), countdown=settings.lease,
+                             max_retries=None) from None
         else:
             timed_out = isinstance(exc, VhdTimeoutError)
             why = msg if timed_out else f"{type(exc).__name__}: {msg}"
@@ -256,6 +262,13 @@ def _run_locked(task: Any, settings: FleetSettings, state_dir: str | None, r: An
             outcome = STOPPED if timed_out else FAILED
             _update(r, key, state=outcome, requeued="0",
                     error=f"{why} (after {attempt} attempts; submit it again to resume)")
+    except redis_errors as exc:
+        # the broker went away for longer than we wait: the record cannot be
+        # trusted to say what happened, so run the job again later (it resumes)
+        log.error("job %s: the broker failed (%s); looking again in %.0f s", job, exc,
+                  settings.lease)
+        raise task.retry(queue=queue_name(spec.host), countdown=settings.lease,
+                         max_retries=None) from None
     except VhdError as exc:
         outcome = FAILED
         _update(r, key, state=FAILED, requeued="0", error=f"{type(exc).__name__}: {exc}")
