@@ -314,7 +314,7 @@ def test_unreachable_broker_is_exit_3(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     url = f"redis://127.0.0.1:{port}/0"
     for argv in (["jobs", "--broker", url], ["cancel", "abc", "--broker", url],
-                 ["submit", "/x.vhd", "--host", "h", "--to", "file:///tmp/x", "--broker", url],
+                 ["submit", "/x.vhd", "--host", "h", "--to", "file:///srv/images/x", "--broker", url],
                  ["worker", "--broker", url, "--queue", "h"]):
         p = subprocess.run([sys.executable, "-m", "vhdcore", *argv], env=_env(),
                            capture_output=True, text=True, timeout=60)
