@@ -227,7 +227,9 @@ def _run_locked(task: Any, settings: FleetSettings, state_dir: str | None, r: An
 
     redis_errors = (require_extra("redis").ConnectionError, require_extra("redis").TimeoutError)
     budget = UploadBudget(settings, client=r)
-    lease.keep(lambda why: request_stop("lease: " + why), also=on_tick)
+    # tick often enough for both the lease and the transport's visibility timeout
+    lease.keep(lambda why: request_stop("lease: " + why), also=on_tick,
+               every=min(settings.lease, settings.visibility_timeout()) / 3)
     outcome: str
     try:
         result = run_imaging(spec, progress=progress,
