@@ -1490,6 +1490,15 @@ def _gc(ns: argparse.Namespace) -> int:
     from .repo.cli import run_gc
 
     return run_gc(ns)
+def _add_fleet_parsers(sub: Any) -> None:
+    """``worker``, ``submit``, ``jobs``, ``cancel``: the fleet (vhdcore[fleet]);
+    the handlers import Celery and redis-py only when they run."""
+    from .fleet.cli import add_parsers
+
+    add_parsers(sub, _COMMANDS)
+
+
+_EXTRA_PARSERS.append(_add_fleet_parsers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

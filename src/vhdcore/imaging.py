@@ -326,7 +326,8 @@ def create_image(leaf: PathLike, target_url: str, *, threads: int = 2,
                  free_map: FreeMap | None = None, chain_options: dict[str, Any] | None = None,
                  store_options: dict[str, Any] | None = None,
                  extra_metadata: dict[str, str] | None = None,
-                 replace: bool = False) -> ImageResult:
+                 replace: bool = False,
+                 upload_gate: Callable[[int], None] | None = None) -> ImageResult:
     """Image the chain of ``leaf`` to ``target_url`` (``file://``,
     ``swift://``, ``s3://``).  See the module docstring for the stages.
 
@@ -349,6 +350,10 @@ def create_image(leaf: PathLike, target_url: str, *, threads: int = 2,
     already exists at ``target_url`` is refused
     (:class:`~vhdcore.errors.OutputExistsError`) unless ``replace``.
 
+    ``upload_gate(nbytes)``, if given, is called with each segment's size
+    before the segment is handed to the uploader and may block (the fleet's
+    shared bandwidth budget waits here, see :mod:`vhdcore.fleet`).
+
     The source chain is only read.
     """
     t0 = time.monotonic()
@@ -365,7 +370,8 @@ def create_image(leaf: PathLike, target_url: str, *, threads: int = 2,
     try:
         return _run(chain, store, target_url, rep, t0, deadline, coalesce_timeout, threads,
                     compress_threads or threads, concurrency, segment_size, resume, restart,
-                    state_dir, fs_aware, free_map, extra_metadata or {}, stage_seconds, replace)
+                    state_dir, fs_aware, free_map, extra_metadata or {}, stage_seconds, replace,
+                    upload_gate)
     except BaseException as exc:
         rep.stage = "failed"
         rep.emit(force=True, message=str(exc) or type(exc).__name__)
@@ -380,7 +386,8 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
          compress_threads: int, concurrency: int, segment_size: int | None, resume: bool,
          restart: bool, state_dir: PathLike | None, fs_aware: bool, free_map: FreeMap | None,
          extra_metadata: dict[str, str], stage_seconds: dict[str, float],
-         replace: bool = False) -> ImageResult:
+         replace: bool = False,
+         upload_gate: Callable[[int], None] | None = None) -> ImageResult:
     options = {"block_size": chain.block_size, "fs_aware": bool(fs_aware or free_map)}
     identity = _chain_identity(chain)
     job_id = _job_id(identity, target_url, options)
@@ -561,6 +568,8 @@ def _run(chain: Chain, store: Store, target_url: str, rep: _Reporter, t0: float,
         if not seg_parts:
             return
         data = b"".join(seg_parts)
+        if upload_gate is not None:
+            upload_gate(len(data))
         with seg_lock:
             pending_ranges[seg_index] = (seg_first, next_first - seg_first)
         uploader.submit(seg_index, data)
