@@ -417,7 +417,7 @@ def image_scenario(previous: bool, state_dir: bool = False) -> Scenario:
             with Chain.open(leaf, writable=True) as c:
                 c.write(17 * KiB, os.urandom(40 * KiB))
         new_view = read_all(leaf)
-        opts: dict = {"segment_size": 64 * KiB, "fs_aware": False}
+        opts: dict = {"segment_size": 64 * KiB, "fs_aware": False, "replace": True}
         if state_dir:  # a state directory that does not exist yet
             opts["state_dir"] = root / "jobs"
         spath = job_state_path(url, opts.get("state_dir"))

@@ -541,7 +541,7 @@ def test_stopped_reimage_keeps_the_old_image(chain, chain_b, tmp_path, monkeypat
         assert not (left & old_objects) - {"image.manifest.json", url.rsplit("/", 1)[1]}
     # and a third image over that one (the generations alternate)
     create_image(chain.leaf, url, segment_size=seg, state_dir=st, **_REPLACE)
-    restore(url, out)
+    restore(url, out, overwrite=True)
     assert digest_of(out) == old_digest
     assert len(_stored_objects(url)) == _expected_objects(url)
 

@@ -54,7 +54,7 @@ def _leaf(d: Path) -> Path:
 def _op(d: Path) -> None:
     state = job_state_path(_url(d), d / "state")
     create_image(_leaf(d), _url(d), segment_size=16 * KiB, state_dir=d / "state",
-                 resume=os.path.exists(state))
+                 resume=os.path.exists(state), replace=True)
 
 
 def _restored(d: Path) -> bytes:

@@ -502,7 +502,7 @@ def _info_damaged(ns: argparse.Namespace, exc: VhdError) -> int:
     d = {"error": str(exc), **d}
     if ns.json:
         _print_json(d)
-        return EXIT_ERROR
+        raise exc
     print(f"{'error':20} {exc}")
     for k, v in d.items():
         if k in ("error", "checksum_failures"):
@@ -516,7 +516,10 @@ def _info_damaged(ns: argparse.Namespace, exc: VhdError) -> int:
             print(f"{k.replace('_', ' '):20} {v}")
     for bad in d["checksum_failures"]:
         print(f"BAD {bad}")
-    return EXIT_ERROR
+    # and the one-line error on standard error (exit 1), as for every command
+    raise exc
+
+
 # ------------------------------------------------------------------ check / chain
 @_subparser
 def _p_check(sub: Any) -> None:
