@@ -324,7 +324,7 @@ def _publish(r: Any, settings: FleetSettings, job: str, host: str, attempt: int,
         pipe = r.pipeline(transaction=False)
         pipe.hset(keys.job(job), mapping={
             "stage": ev.stage, "percent": str(ev.percent), "bytes_done": str(ev.bytes_done),
-            "bytes_total": str(ev.bytes_total), "rate": str(round(ev.rate, 1)),
+            "bytes_total": str(ev.bytes_total), "rate": "" if ev.rate is None else str(round(ev.rate, 1)),
             "eta": "" if ev.eta is None else str(round(ev.eta, 2)), "progress": line,
             "updated": repr(time.time())})
         pipe.rpush(keys.events(job), line)
