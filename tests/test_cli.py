@@ -608,13 +608,20 @@ def test_ls_rm_verify_on_a_directory(tmp_path, chain):
     assert r.returncode == 1 and "no image" in one_clean_line(r)
 
 
-def test_ls_and_verify_repo_forms_are_usage_errors_here(tmp_path):
-    for argv in (["ls", "--repo", "file:///r"], ["verify", "--repo", "file:///r"]):
+def test_ls_and_verify_take_a_url_or_a_repository(tmp_path):
+    from vhdcore.repo.core import init_repo
+
+    repo = f"file://{tmp_path}/repo"
+    init_repo(repo)
+    for argv in (["ls", "--repo", repo], ["verify", "--repo", repo]):
         r = cli(*argv)
-        assert r.returncode == 2 and "repositor" in one_clean_line(r)
-    for argv in (["ls"], ["verify"], ["ls", "file:///a/", "--repo", "file:///r"]):
-        r = cli(*argv)
+        assert r.returncode == 0, r.stderr
+    # neither a URL nor a repository: a usage error that names both
+    for argv in (["ls"], ["verify"]):
+        r = cli(*argv, env={"VHDCORE_REPO": ""})
         assert r.returncode == 2 and "--repo" in one_clean_line(r)
+    r = cli("ls", "ftp://a/")
+    assert r.returncode == 2 and "swift://" in one_clean_line(r)
 
 
 def test_ls_rm_verify_on_swift(tmp_path, chain):

@@ -316,7 +316,8 @@ def test_create_image_faults(tmp_path):
         (d / "out").mkdir(exist_ok=True)
         state = imaging.job_state_path(url(d), d / "state")
         imaging.create_image(d / leaf, url(d), state_dir=d / "state",
-                             resume=os.path.exists(state), segment_size=16 * KiB)
+                             resume=os.path.exists(state), segment_size=16 * KiB,
+                             replace=True)  # a re-run after a fault past the manifest
 
     def complete(d: Path) -> None:
         restore(url(d), d / "restored.vhd")

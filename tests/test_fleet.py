@@ -411,7 +411,7 @@ def test_redis_restart_mid_job_loses_nothing(client: Any, redis_srv: Any, worker
                                              chains: list[Path], tmp_path: Path) -> None:
     url_broker, srv = redis_srv
     if srv is None:
-        pytest.skip("VHDCORE_TEST_REDIS_DIR does not name a server this test can restart")
+        server_missing("VHDCORE_TEST_REDIS_DIR does not name a server this test can restart")
     from vhdcore.fleet import set_upload_budget
 
     set_upload_budget(3 * MiB, broker=url_broker)

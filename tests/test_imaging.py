@@ -578,7 +578,7 @@ def test_s3_reimage_failing_at_the_switch_keeps_the_old_image(chain, chain_b, tm
     restore(url, out)
     assert digest_of(out) == digest_of(chain.leaf)
     create_image(chain_b.leaf, url, segment_size=seg, resume=True, state_dir=st, **_REPLACE)
-    restore(url, out)
+    restore(url, out, overwrite=True)
     assert digest_of(out) == digest_of(chain_b.leaf)
     assert len(_stored_objects(url)) == 2
 

@@ -32,6 +32,10 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ._args import int_at_least as _int_at_least
+from ._args import new_subcommand as _new
+from ._args import seconds as _seconds
+from ._args import size_at_least as _size_at_least
 from . import __version__
 from ._util import human_size, parse_size
 from .errors import OutputExistsError, VhdError, VhdTimeoutError
@@ -71,55 +75,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> Any:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-def _new(sub: Any, name: str, help: str, description: str,
-         examples: Sequence[str]) -> argparse.ArgumentParser:
-    """A subcommand parser with a one-line ``help`` (the list of commands), a
-    ``description`` and examples (its own ``--help`` and docs/cli.md)."""
-    p: argparse.ArgumentParser = sub.add_parser(
-        name, help=help, description=description,
-        epilog="examples:\n" + "\n".join(f"  $ vhdcore {e}" for e in examples),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help=argparse.SUPPRESS)
-    return p
-
-
-# ------------------------------------------------------------------ option types
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def whole_number(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    return whole_number
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds of at least 0, got {text!r}")
-    return value
-
-
-def _size_at_least(low: int) -> Callable[[str], int]:
-    def size(text: str) -> int:
-        try:
-            value = parse_size(text)
-        except VhdError:
-            raise argparse.ArgumentTypeError(
-                f"expected a size such as 4096, 512K, 10G or 1.5T, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {human_size(low)}, got {text!r}")
-        return value
-    return size
 
 
 def _power_of_two_size(text: str) -> int:

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .._args import int_at_least, new_subcommand as _new, positive_seconds
 from .._util import human_size, parse_size
 from ._base import BrokerUnreachableError, FleetError
 
@@ -126,37 +127,7 @@ def _broker_option(p: argparse.ArgumentParser) -> None:
                    help="the Redis broker, redis://HOST:6379/0 (default: $VHDCORE_BROKER)")
 
 
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
-def _seconds(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
-    return x
-
-
-def _new(sub: Any, name: str, help: str, description: str,
-         examples: list[str]) -> argparse.ArgumentParser:
-    """A subcommand with a one-line ``help``, a description and examples (as
-    every command of ``vhdcore.cli``)."""
-    p: argparse.ArgumentParser = sub.add_parser(
-        name, help=help, description=description,
-        epilog="examples:\n" + "\n".join(f"  $ vhdcore {e}" for e in examples),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help=argparse.SUPPRESS)
-    return p
+_COUNT = int_at_least(1)
 
 
 def add_parsers(sub: Any, commands: dict[str, Handler]) -> None:
@@ -170,16 +141,16 @@ def add_parsers(sub: Any, commands: dict[str, Handler]) -> None:
     _broker_option(s)
     s.add_argument("--queue", metavar="HOSTNAME",
                    help="the host whose jobs this worker runs (default: this host's name)")
-    s.add_argument("--concurrency", type=_count, default=1, metavar="N",
+    s.add_argument("--concurrency", type=_COUNT, default=1, metavar="N",
                    help="jobs run at once on this host (default 1)")
     s.add_argument("--max-upload-rate", metavar="SIZE",
                    help="set the fleet-wide upload budget, bytes per second shared by every "
                         "worker (e.g. 400M; 0: no limit; default: leave it as it is)")
-    s.add_argument("--redelivery-timeout", type=_seconds, metavar="S",
+    s.add_argument("--redelivery-timeout", type=positive_seconds, metavar="S",
                    help="a killed worker's job is redelivered within S seconds (default 120)")
-    s.add_argument("--lease", type=_seconds, metavar="S",
+    s.add_argument("--lease", type=positive_seconds, metavar="S",
                    help="lease of a job's lock, refreshed every S/3 seconds (default 30)")
-    s.add_argument("--max-attempts", type=_count, metavar="N",
+    s.add_argument("--max-attempts", type=_COUNT, metavar="N",
                    help="runs of a job that stops at its timeout or loses its target before "
                         "it is left stopped (default 3)")
     s.add_argument("--state-dir", metavar="DIR",
@@ -198,9 +169,9 @@ def add_parsers(sub: Any, commands: dict[str, Handler]) -> None:
     s.add_argument("--to", metavar="URL", help="the target, as for `vhdcore image --to`")
     s.add_argument("--repo", metavar="URL", help="image into this repository instead (with --name)")
     s.add_argument("--name", metavar="NAME", help="the image's name in --repo")
-    s.add_argument("--timeout", type=_seconds, metavar="S",
+    s.add_argument("--timeout", type=positive_seconds, metavar="S",
                    help="each attempt stops after S seconds, resumable, and is re-queued")
-    s.add_argument("--max-attempts", type=_count, metavar="N",
+    s.add_argument("--max-attempts", type=_COUNT, metavar="N",
                    help="attempts before the job is left stopped (default 3)")
     s.add_argument("--segment-size", metavar="SIZE",
                    help="segment size, as for `vhdcore image` (default: from the image size)")

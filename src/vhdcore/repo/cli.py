@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Any
 
+from .._args import new_subcommand as _new
 from .._util import human_size, parse_size
 from ..errors import StoreError, VhdError, VhdTimeoutError
 
@@ -41,19 +42,6 @@ def _fail(exc: BaseException, as_json: bool = False) -> int:
 
 
 # ------------------------------------------------------------------ parsers
-def _new(sub: Any, name: str, help: str, description: str,
-         examples: list[str]) -> argparse.ArgumentParser:
-    """A subcommand with a one-line ``help``, a description and examples (as
-    every command of ``vhdcore.cli``)."""
-    p: argparse.ArgumentParser = sub.add_parser(
-        name, help=help, description=description,
-        epilog="examples:\n" + "\n".join(f"  $ vhdcore {e}" for e in examples),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help=argparse.SUPPRESS)
-    return p
-
-
 def add_repo_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", metavar="URL",
                    help="a repository (file:///dir, swift://container[/prefix], "
