@@ -285,6 +285,8 @@ def test_file_target_directory_is_created_like_mkdir_p(tmp_path, chain):
     r = cli("image", chain.leaf, "--to", url, "-q")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "a" / "b" / "c" / "image.manifest.json").is_file()
+    if not (ROOT / "README.md").is_file():
+        pytest.skip("the docs are not beside the tests (an installed package)")
     text = (ROOT / "README.md").read_text()
     assert "must exist" not in text and "mkdir -p" in text
     assert "mkdir -p" in (ROOT / "docs" / "cli.md").read_text()
@@ -474,10 +476,11 @@ def test_json_events_follow_the_documented_schema(tmp_path, chain):
         if "rate" in e:
             assert 0 <= e["rate"] < 100e9  # no 68 TB/s
     assert progress[-1]["stage"] == "done" and progress[-1]["percent"] == 100
-    text = (ROOT / "docs" / "cli.md").read_text()
-    assert "## JSON progress events" in text
-    for name in documented:
-        assert f"| `{name}` |" in text
+    if (ROOT / "docs" / "cli.md").is_file():  # absent beside an installed package's tests
+        text = (ROOT / "docs" / "cli.md").read_text()
+        assert "## JSON progress events" in text
+        for name in documented:
+            assert f"| `{name}` |" in text
 
 
 def test_rate_is_measured_over_a_window_and_omitted_until_meaningful(monkeypatch):
@@ -648,6 +651,8 @@ def test_ls_rm_verify_on_swift(tmp_path, chain):
 
 # ---------------------------------------------------------------- docs
 def test_docs_show_the_new_verbs_and_policies():
+    if not (ROOT / "docs" / "cli.md").is_file():
+        pytest.skip("the docs are not beside the tests (an installed package)")
     text = (ROOT / "docs" / "cli.md").read_text()
     for verb in ("ls", "rm", "verify"):
         assert f"## vhdcore {verb}\n" in text
@@ -661,6 +666,8 @@ def test_readme_command_table_matches_the_parser():
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     helps = {ca.dest: ca.help for ca in sub._choices_actions}
+    if not (ROOT / "README.md").is_file():
+        pytest.skip("the README is not beside the tests (an installed package)")
     readme = (ROOT / "README.md").read_text()
     rows = re.findall(r"^\| `([a-z]+)` \| (.+?) \|$", readme, re.M)
     assert dict(rows) == helps
