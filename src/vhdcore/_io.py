@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 __all__ = ["pwrite_all", "fsync", "ftruncate", "replace", "unlink", "fsync_dir", "atomic_write",
-           "create_temp", "FILE_MODE", "PRIVATE_MODE", "FaultPlan", "inject", "SimulatedCrash"]
+           "create_temp", "make_dirs", "FILE_MODE", "PRIVATE_MODE", "FaultPlan", "inject", "SimulatedCrash"]
 
 #: mode of every new file vhdcore writes: the process umask decides (like cp
 #: or qemu-img); only job state and checkpoints use PRIVATE_MODE
@@ -130,6 +130,24 @@ def unlink(path: str) -> None:
     os.unlink(path)
     if _observer is not None:
         _observer("unlink", path)
+
+
+def make_dirs(path: str, *, durable: bool = True) -> None:
+    """Create directory ``path`` and its missing parents (like ``mkdir -p``),
+    each made durable in its parent (when ``durable``): a file is only as
+    durable as every directory entry on its path."""
+    missing: list[str] = []
+    d = os.path.abspath(path)
+    while not os.path.isdir(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            continue
+        if durable:
+            fsync_dir(os.path.dirname(d))
 
 
 def fsync_dir(directory: str) -> None:

@@ -216,10 +216,7 @@ def _job_id(identity: list[dict[str, Any]], target: str, options: dict[str, Any]
 
 
 def _save_state(path: str, state: dict[str, Any]) -> None:
-    d = os.path.dirname(path)
-    if not os.path.isdir(d):
-        os.makedirs(d, exist_ok=True)
-        _io.fsync_dir(os.path.dirname(d))  # the new directory's own entry
+    _io.make_dirs(os.path.dirname(path))
     _io.atomic_write(path, json.dumps(state).encode(), private=True)
 
 

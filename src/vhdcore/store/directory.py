@@ -153,7 +153,9 @@ class DirectoryStore(Store):
         self._check_directory()
         try:
             with self._mkdir_lock:
-                self._make_dirs(path.parent)
+                # every directory on a segment's path survives a power cut
+                # (a new generation's must, once the manifest names it)
+                _io.make_dirs(str(path.parent), durable=self.fsync)
             record = path.with_name(path.name + ".md5")
             try:
                 record.unlink()
@@ -164,24 +166,6 @@ class DirectoryStore(Store):
         except OSError as exc:
             raise UploadError(f"{self.describe()}: writing segment {index} to {path} failed: {exc}") from exc
         return md5_hex
-
-    def _make_dirs(self, where: Path) -> None:
-        """Create ``where`` and its missing parents, each made durable in its
-        parent directory: a segment is only as durable as every directory
-        entry on its path (a new generation's directory must survive a power
-        cut once the manifest names it)."""
-        missing: list[Path] = []
-        d = where
-        while not d.is_dir():
-            missing.append(d)
-            d = d.parent
-        for d in reversed(missing):
-            try:
-                d.mkdir()
-            except FileExistsError:
-                continue
-            if self.fsync:
-                _io.fsync_dir(str(d.parent))
 
     def list_segments(self) -> dict[int, SegmentInfo]:
         self._check_directory()
