@@ -34,7 +34,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
+from .._version import __version__
 from ..errors import VhdError, VhdTimeoutError
 from . import disk, fleet, image, ops, repo, tools
 from ._common import (EXIT_ERROR, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, Commands,
