@@ -11,7 +11,7 @@ from .._args import seconds as _seconds
 from .._util import human_size
 from ._common import EXIT_OK, Commands
 from ._options import POSITIVE, add_chain_options, add_force, add_fs_aware, chain_options
-from .progress import display_for
+from .progress import display_for, shown
 
 COMMANDS = Commands()
 
@@ -42,15 +42,10 @@ def _p_flatten(sub: Any) -> None:
 def _flatten(ns: argparse.Namespace) -> int:
     from ..coalesce import flatten
 
-    display = display_for(ns)
-    try:
+    with shown(display_for(ns)) as display:
         res = flatten(ns.leaf, ns.out, ns.format, threads=ns.threads,
                       progress=display.pair("flatten"), chain_options=chain_options(ns),
                       fs_aware=ns.fs_aware, overwrite=ns.force)
-    except BaseException:
-        display.finish(complete=False)
-        raise
-    display.finish()
     print(f"flattened {ns.leaf} -> {res.path} ({res.format}): {res.blocks_stored} blocks, "
           f"{human_size(res.sectors_stored * 512)} of data, {human_size(res.bytes_written)} written")
     return EXIT_OK
@@ -80,15 +75,10 @@ def _p_coalesce(sub: Any) -> None:
 def _coalesce(ns: argparse.Namespace) -> int:
     from ..coalesce import coalesce
 
-    display = display_for(ns, unit="blocks")
-    try:
+    with shown(display_for(ns, unit="blocks")) as display:
         res = coalesce(ns.child, relink_children=ns.relink or (), siblings=ns.sibling or (),
                        timeout=ns.timeout, checkpoint_dir=ns.checkpoint_dir,
                        progress=display.pair("coalesce"), chain_options=chain_options(ns))
-    except BaseException:
-        display.finish(complete=False)
-        raise
-    display.finish()
     print(f"coalesced {res.child} into {res.parent}: {res.blocks_merged} blocks, "
           f"{human_size(res.sectors_written * 512)} written, "
           f"{human_size(res.sectors_skipped_equal * 512)} already equal"
@@ -117,14 +107,9 @@ def _p_compact(sub: Any) -> None:
 def _compact(ns: argparse.Namespace) -> int:
     from ..coalesce import compact
 
-    display = display_for(ns, unit="blocks")
-    try:
+    with shown(display_for(ns, unit="blocks")) as display:
         res = compact(ns.input, ns.out, progress=display.pair("compact"), overwrite=ns.force,
                       chain_options=chain_options(ns))
-    except BaseException:
-        display.finish(complete=False)
-        raise
-    display.finish()
     print(f"compacted {ns.input} -> {res.path}: {res.blocks_stored} blocks kept, "
           f"{human_size(os.path.getsize(res.path))}")
     return EXIT_OK

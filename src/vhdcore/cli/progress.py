@@ -3,11 +3,12 @@ a terminal, plain lines otherwise) and the ``--json`` event stream."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .._util import human_size
@@ -150,3 +151,14 @@ def display_for(ns: argparse.Namespace, unit: str = "B") -> ProgressDisplay:
     return ProgressDisplay(not getattr(ns, "quiet", False) and not getattr(ns, "json", False),
                            unit=unit)
 
+
+@contextlib.contextmanager
+def shown(display: ProgressDisplay) -> Iterator[ProgressDisplay]:
+    """Run one operation under ``display``: when it returns, its stage is
+    filled to 100% and closed; when it raises, closed as it stands."""
+    try:
+        yield display
+    except BaseException:
+        display.finish(complete=False)
+        raise
+    display.finish()
