@@ -344,7 +344,8 @@ class SwiftStore(Store):
                 _swift_time(item.get("last_modified")), True, int(vs) if vs and vs.isdigit() else None,
             )
         try:
-            segs = self._listing(f"listing container {self.segment_container!r}", self.segment_container, prefix or None)
+            segs = self._listing(f"listing container {self.segment_container!r}",
+                                 self.segment_container, prefix or None)
         except StoreNotFoundError:
             segs = []
         partial: dict[str, list[dict[str, Any]]] = {}
