@@ -75,7 +75,6 @@ def _image(ns: argparse.Namespace) -> int:
     from ..imaging import EVENT_VERSION, create_image, job_state_path
 
     if repo_mode(ns):
-        ns._chain_options = chain_options(ns)
         return run_image(ns, job_progress(ns, display_for(ns)))
     if not ns.to:
         raise UsageError("image needs --to URL (or --repo URL --name NAME)")

@@ -17,6 +17,7 @@ from .._args import new_subcommand as _new
 from .._util import human_size, parse_size
 from ..errors import VhdError
 from ._common import EXIT_ERROR, EXIT_OK, EXIT_USAGE, Commands, fail
+from ._options import chain_options
 
 __all__ = ["add_repo_parser", "add_export_parser", "add_forget_parser", "add_gc_parser",
            "add_repo_option", "add_image_options", "repo_mode", "run_repo",
@@ -156,7 +157,7 @@ def run_image(ns: argparse.Namespace, progress: Any) -> int:
         res = create_image(ns.leaf, repo_of(ns), ns.name, progress=progress,
                            timeout=ns.timeout, fs_aware=ns.fs_aware, rehash=ns.rehash,
                            threads=ns.threads, concurrency=ns.concurrency,
-                           chain_options=getattr(ns, "_chain_options", None))
+                           chain_options=chain_options(ns))
     except (VhdError, OSError) as exc:
         return fail(exc, ns, ns.json)
     if ns.json:
