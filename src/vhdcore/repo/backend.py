@@ -224,7 +224,6 @@ class SwiftBackend(Backend):
     def __init__(self, container: str, prefix: str = "", *, retry: RetryPolicy | None = None,
                  timeout: float = 60.0, env: Mapping[str, str] | None = None,
                  url: str | None = None, **auth: Any) -> None:
-
         try:
             import swiftclient.client  # noqa: F401
         except ImportError as exc:  # pragma: no cover
