@@ -5,6 +5,7 @@ files are left behind."""
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import hashlib
 import inspect
@@ -278,6 +279,37 @@ def test_errors_are_one_sentence_and_debug_shows_the_traceback(tmp_path, chain):
         assert r.stderr.strip().splitlines()[-1].startswith("vhdcore: error:")
     r = cli("info", bad, "--debug")  # also after the subcommand
     assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+def test_one_error_mapping_for_every_command(tmp_path, capsys):
+    """The core, repository and fleet commands map an error to the same exit
+    code and message (vhdcore.cli._common), whichever command meets it."""
+    from vhdcore import errors
+    from vhdcore.cli import _common, exit_code
+    from vhdcore.cli import fleet as fleet_cli
+    from vhdcore.cli import repo as repo_cli
+
+    assert exit_code(errors.VhdTimeoutError("t")) == 4
+    for exc in (errors.StoreAuthError("a"), errors.StoreNotFoundError("n"),
+                errors.OutputExistsError("o"), errors.JobStateError("j"), errors.FormatError("f")):
+        assert exit_code(exc) == 1, exc
+    for exc in (errors.StoreError("s"), errors.UploadError("u"), OSError(5, "io")):
+        assert exit_code(exc) == 3, exc
+    assert repo_cli.fail is _common.fail and fleet_cli.fail is _common.fail
+    for mod in (repo_cli, fleet_cli):  # no exit codes of their own
+        tree = ast.parse(inspect.getsource(mod))
+        assert not [t.id for node in tree.body if isinstance(node, ast.Assign)
+                    for tgt in node.targets for t in ast.walk(tgt)
+                    if isinstance(t, ast.Name) and t.id.startswith("EXIT_")], mod.__name__
+    ns = argparse.Namespace(debug=False)
+    missing = tmp_path / "gone.vhd"
+    exc = FileNotFoundError(2, "No such file or directory", str(missing))
+    assert _common.fail(exc, ns, as_json=True) == 3
+    out, err = capsys.readouterr()
+    event = json.loads(out)
+    assert event["event"] == "error" and event["exit_code"] == 3
+    assert event["message"] == f"{missing}: does not exist" and "[Errno" not in err
+    assert err.strip() == f"vhdcore: error: {missing}: does not exist"
 
 
 def test_file_target_directory_is_created_like_mkdir_p(tmp_path, chain):

@@ -1,5 +1,5 @@
 """Option types and the subcommand constructor shared by every command line
-module (``vhdcore.cli`` and the command handlers of ``repo`` and ``fleet``)."""
+module of :mod:`vhdcore.cli` (the repository's and the fleet's included)."""
 from __future__ import annotations
 
 import argparse

@@ -110,10 +110,6 @@ class DiskMap:
         """The number of bytes marked free."""
         return int((self._ends - self._starts).sum())
 
-    def free_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(starts, ends)`` int64 arrays of the free ranges (half-open), read-only copies."""
-        return self._starts.copy(), self._ends.copy()
-
     def free_sectors_in(self, start: int, length: int) -> Iterator[tuple[int, int]]:
         """Free ``(offset, length)`` pieces inside ``[start, start + length)``, in order."""
         end = start + length

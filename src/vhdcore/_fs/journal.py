@@ -50,9 +50,6 @@ class Overlay:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __contains__(self, block: int) -> bool:
-        return block in self.entries
-
     def get(self, block: int) -> bytes | None:
         hit = self.entries.get(block)
         if hit is None or self.read_jblock is None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ._base import FleetSettings, Keys, redis_client, retrying
 
-__all__ = ["UploadBudget", "set_upload_budget", "get_upload_budget"]
+__all__ = ["UploadBudget", "set_upload_budget"]
 
 MiB = 1 << 20
 #: the largest grant a worker takes in one call
@@ -75,12 +75,6 @@ def set_upload_budget(client: Any, keys: Keys, rate: int | None) -> None:
     client.hset(keys.budget, mapping={"rate": str(rate), "burst": str(burst),
                                       "tokens": str(burst)})
     client.hdel(keys.budget, "ts")
-
-
-def get_upload_budget(client: Any, keys: Keys) -> int | None:
-    """The fleet's upload budget in bytes per second, None when unlimited."""
-    rate = client.hget(keys.budget, "rate")
-    return int(float(rate)) if rate else None
 
 
 class UploadBudget:

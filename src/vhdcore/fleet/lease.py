@@ -50,10 +50,6 @@ class Lease:
             self.expires = t + self.seconds
         return bool(ok)
 
-    def holder(self) -> str | None:
-        v = self.r.get(self.key)
-        return None if v is None else str(v)
-
     def refresh(self) -> bool:
         """Extend the lease; False if the lock is no longer ours."""
         t = time.monotonic()

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import StoreError, VhdError, VhdTimeoutError
 from ._base import FleetError, FleetSettings, queue_name, redis_client, require_extra, retrying
 from .budget import UploadBudget
-from .jobs import (
+from .spec import (
     CANCELLED,
     DONE,
     EVENTS_KEPT,

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 from .. import _io
 from ..errors import StoreError, StoreNotFoundError, UploadError, VhdError
 from ..store.retry import RetryExhausted, RetryPolicy, call_with_retry, is_transient_status
+from ..store.swift import LISTING_PAGE, drop_connection, iter_listing, swift_auth_options
 
 __all__ = ["Backend", "DirectoryBackend", "SwiftBackend", "S3Backend", "open_backend",
            "Buffer"]
@@ -223,8 +224,6 @@ class SwiftBackend(Backend):
     def __init__(self, container: str, prefix: str = "", *, retry: RetryPolicy | None = None,
                  timeout: float = 60.0, env: Mapping[str, str] | None = None,
                  url: str | None = None, **auth: Any) -> None:
-        from ..store.swift import swift_auth_options
-
         try:
             import swiftclient.client  # noqa: F401
         except ImportError as exc:  # pragma: no cover
@@ -270,13 +269,7 @@ class SwiftBackend(Backend):
             return isinstance(exc, OSError)
 
         def on_retry(exc: BaseException, n: int, d: float) -> None:
-            conn = getattr(self._local, "conn", None)
-            if conn is not None:
-                try:
-                    conn.close()
-                except Exception:
-                    pass
-                conn.http_conn = None
+            drop_connection(self._local)
 
         try:
             return call_with_retry(fn, self.retry, transient, on_retry=on_retry)
@@ -350,20 +343,19 @@ class SwiftBackend(Backend):
         else:
             containers = [self.container]
         for c in containers:
-            marker = ""
-            while True:  # a page at a time: never the whole listing in memory
-                try:
-                    _, objs = self._call(f"listing {c}", lambda: self._conn().get_container(
-                        c, prefix=self.prefix + prefix, marker=marker, limit=10000))
-                except StoreNotFoundError:
-                    break
-                if not objs:
-                    break
-                for o in objs:
+            def page(marker: str, c: str = c) -> list[dict[str, Any]]:
+                _, objs = self._call(f"listing {c}", lambda: self._conn().get_container(
+                    c, prefix=self.prefix + prefix, marker=marker, limit=LISTING_PAGE))
+                found: list[dict[str, Any]] = objs
+                return found
+
+            try:  # a page at a time: never the whole listing in memory
+                for o in iter_listing(page):
                     t = datetime.datetime.fromisoformat(o["last_modified"]).replace(
                         tzinfo=datetime.timezone.utc).timestamp()
                     yield o["name"][len(self.prefix):], t
-                marker = objs[-1]["name"]
+            except StoreNotFoundError:
+                continue
 
     def delete(self, key: str) -> None:
         c, name = self._where(key)

@@ -212,8 +212,6 @@ def repo_memory(work: Path, vsize: int) -> dict[str, Any]:
     with create_dynamic(leaf, vsize) as v:
         bs = v.block_size
         nb = v.nblocks
-        from ..chain import Chain  # noqa: F401
-
     from ..chain import Chain
 
     with Chain.open(leaf, writable=True) as c:

@@ -8,7 +8,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -325,7 +324,3 @@ def open_repo(url: str | None = None, **backend_options: Any) -> Repository:
         backend.close()
         raise RepoFormatError(f"{url}: config: {exc}") from None
     return Repository(backend, config)
-
-
-def iter_chunk_keys(repo: Repository) -> Iterator[tuple[str, float]]:
-    yield from repo.backend.list("chunks/")

@@ -34,7 +34,6 @@ import json
 import re
 import struct
 import zlib
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -245,14 +244,6 @@ def nonzero_rows(ids: np.ndarray) -> np.ndarray:
     v = np.ascontiguousarray(ids).view("<u8")
     out: np.ndarray = (v[:, 0] | v[:, 1] | v[:, 2] | v[:, 3]) != 0
     return out
-
-
-def iter_ids(ids: np.ndarray, step: int = 4096) -> Iterator[tuple[int, bytes]]:
-    """``(position, ID bytes)`` of an ID array, a slice at a time."""
-    for start in range(0, len(ids), step):
-        block = ids[start:start + step].tobytes()
-        for i in range(len(block) // ID_SIZE):
-            yield start + i, block[i * ID_SIZE:(i + 1) * ID_SIZE]
 
 
 # ------------------------------------------------------------------ manifest

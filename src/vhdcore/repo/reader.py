@@ -152,8 +152,7 @@ def iter_stream(repo: Repository, man: dict[str, Any], ids: np.ndarray, *,
     yield "tail", layout.tail(), None
 
 
-def _load(repo: Repository, r: ImageRef, *, allow_damaged: bool = False
-          ) -> tuple[dict[str, Any], np.ndarray]:
+def _load(repo: Repository, r: ImageRef) -> tuple[dict[str, Any], np.ndarray]:
     man = repo.manifest(r)
     ids = repo.index(r, man)
     # repo.index() checked the ID array against its digest and the manifest's

@@ -14,6 +14,7 @@ from typing import Any
 from .. import _io
 from ..errors import IntegrityError, OutputExistsError, StoreError
 from .base import META_CODEC, Manifest, SegmentInfo, Store, is_vhdcore_metadata
+from .urls import open_store
 
 __all__ = ["restore", "verify", "check_image_manifest"]
 
@@ -131,8 +132,6 @@ def verify(
     :class:`StoreNotFoundError` for a missing or incomplete image."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
-    from . import open_store
-
     own = isinstance(url, str)
     store = open_store(url, **(options or {})) if isinstance(url, str) else url
     try:
@@ -177,8 +176,6 @@ def restore(
         raise ValueError(f"format must be 'vhd' or 'raw', got {format!r}")
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
-    from . import open_store
-
     out_path = Path(out)
     if not overwrite and os.path.lexists(out_path):
         raise OutputExistsError(f"{out_path} already exists; pass --force (overwrite=True) to replace it")

@@ -61,10 +61,6 @@ class RetryPolicy:
         return base * (1.0 - self.jitter * r)
 
 
-#: retry nothing: one attempt
-NO_RETRY = RetryPolicy(attempts=1)
-
-
 class RetryExhausted(Exception):
     """A transient failure persisted through every allowed attempt.
 

@@ -34,7 +34,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from ..errors import StoreAuthError, StoreError, StoreNotFoundError, UploadError, VhdError
@@ -136,6 +136,36 @@ def swift_auth_options(options: Mapping[str, Any], env: Mapping[str, str]) -> di
     return kw
 
 
+#: objects asked for per page of a container listing
+LISTING_PAGE = 10000
+
+
+def iter_listing(page: Callable[[str], list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    """Every object of a container listing, a page at a time: ``page(marker)``
+    returns the objects after ``marker`` (at most :data:`LISTING_PAGE`), an
+    empty list at the end.  The one listing loop of the Swift store and the
+    repository's Swift backend."""
+    marker = ""
+    while True:
+        objs = page(marker)
+        if not objs:
+            return
+        yield from objs
+        marker = str(objs[-1]["name"])
+
+
+def drop_connection(local: threading.local) -> None:
+    """Close this thread's connection (``local.conn``) after a failed call,
+    so that the retry opens a fresh one."""
+    conn = getattr(local, "conn", None)
+    if conn is not None:
+        try:
+            conn.close()
+        except Exception:
+            pass
+        conn.http_conn = None
+
+
 class SwiftStore(Store):
     """An image as a Swift Static Large Object.
 
@@ -216,17 +246,14 @@ class SwiftStore(Store):
             self._local.conn = conn
         return conn
 
-    def _drop_connection(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                pass
-            conn.http_conn = None
-
     def _on_retry(self, exc: BaseException, retry: int, delay: float) -> None:
-        self._drop_connection()
+        drop_connection(self._local)
+
+    def _listing(self, what: str, container: str, prefix: str | None) -> list[dict[str, Any]]:
+        """The objects of ``container`` under ``prefix`` (StoreNotFoundError
+        when the container does not exist)."""
+        return list(iter_listing(lambda marker: self._call(what, lambda: self._conn().get_container(
+            container, prefix=prefix, marker=marker, limit=LISTING_PAGE))[1]))
 
     def _is_transient(self, exc: BaseException) -> bool:
         from swiftclient.exceptions import ClientException
@@ -294,10 +321,7 @@ class SwiftStore(Store):
 
     def list_images(self, prefix: str) -> list[ImageEntry]:
         try:
-            _, listing = self._call(
-                f"listing container {self.container!r}",
-                lambda: self._conn().get_container(self.container, prefix=prefix or None, full_listing=True),
-            )
+            listing = self._listing(f"listing container {self.container!r}", self.container, prefix or None)
         except StoreNotFoundError:
             raise StoreNotFoundError(f"swift://{self.container}: container {self.container!r} does not exist") from None
         found: dict[str, ImageEntry] = {}
@@ -320,10 +344,8 @@ class SwiftStore(Store):
                 _swift_time(item.get("last_modified")), True, int(vs) if vs and vs.isdigit() else None,
             )
         try:
-            _, segs = self._call(
-                f"listing container {self.segment_container!r}",
-                lambda: self._conn().get_container(self.segment_container, prefix=prefix or None, full_listing=True),
-            )
+            segs = self._listing(f"listing container {self.segment_container!r}",
+                                 self.segment_container, prefix or None)
         except StoreNotFoundError:
             segs = []
         partial: dict[str, list[dict[str, Any]]] = {}
@@ -441,10 +463,7 @@ class SwiftStore(Store):
         self._check_container()
         prefix = f"{self.name}/{self.generation}/" if self.generation else f"{self.name}/"
         try:
-            _, listing = self._call(
-                f"listing segments in {self.segment_container!r}",
-                lambda: self._conn().get_container(self.segment_container, prefix=prefix, full_listing=True),
-            )
+            listing = self._listing(f"listing segments in {self.segment_container!r}", self.segment_container, prefix)
         except StoreNotFoundError:
             return {}
         found: dict[int, SegmentInfo] = {}
@@ -554,10 +573,7 @@ class SwiftStore(Store):
         prefix = f"{self.name}/"
         try:
             self._check_container()
-            _, listing = self._call(
-                f"listing segments in {self.segment_container!r}",
-                lambda: self._conn().get_container(self.segment_container, prefix=prefix, full_listing=True),
-            )
+            listing = self._listing(f"listing segments in {self.segment_container!r}", self.segment_container, prefix)
         except StoreNotFoundError:
             return
         leftovers = sorted(
@@ -577,10 +593,7 @@ class SwiftStore(Store):
         used = set(self._manifest_paths.values())
         prefix = f"{self.name}/"
         try:
-            _, listing = self._call(
-                f"listing segments in {self.segment_container!r}",
-                lambda: self._conn().get_container(self.segment_container, prefix=prefix, full_listing=True),
-            )
+            listing = self._listing(f"listing segments in {self.segment_container!r}", self.segment_container, prefix)
         except StoreNotFoundError:
             return 0
         removed = 0

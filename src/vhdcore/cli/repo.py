@@ -1,6 +1,8 @@
-"""Command handlers of the repository verbs (``vhdcore.cli`` only registers them).
+"""The repository's subcommands (``repo``, ``export``, ``forget``, ``gc``) and
+the ``--repo`` forms of ``image``, ``restore``, ``ls`` and ``verify``.
 
-Each handler takes the parsed arguments and returns the exit code.
+Each handler takes the parsed arguments and returns the exit code; errors map
+to exit codes as everywhere else (:func:`vhdcore.cli._common.fail`).
 """
 from __future__ import annotations
 
@@ -13,14 +15,16 @@ from typing import Any
 
 from .._args import new_subcommand as _new
 from .._util import human_size, parse_size
-from ..errors import StoreError, VhdError, VhdTimeoutError
+from ..errors import VhdError
+from ._common import EXIT_ERROR, EXIT_OK, EXIT_USAGE, Commands, fail
+from ._options import chain_options
 
 __all__ = ["add_repo_parser", "add_export_parser", "add_forget_parser", "add_gc_parser",
-           "add_repo_option", "run_repo",
+           "add_repo_option", "add_image_options", "repo_mode", "run_repo",
            "run_image", "run_restore", "run_ls", "run_verify", "run_export", "run_forget",
            "run_gc", "repo_of"]
 
-EXIT_OK, EXIT_ERROR, EXIT_FAILED, EXIT_TIMEOUT = 0, 1, 3, 4
+COMMANDS = Commands()
 
 
 def repo_of(ns: argparse.Namespace) -> str | None:
@@ -28,17 +32,20 @@ def repo_of(ns: argparse.Namespace) -> str | None:
     return getattr(ns, "repo", None) or os.environ.get("VHDCORE_REPO") or None
 
 
-def _fail(exc: BaseException, as_json: bool = False) -> int:
-    from ..errors import StoreNotFoundError
-
-    code = EXIT_TIMEOUT if isinstance(exc, VhdTimeoutError) else \
-        EXIT_ERROR if isinstance(exc, StoreNotFoundError) or not isinstance(
-            exc, (StoreError, OSError)) else EXIT_FAILED
-    if as_json:
-        print(json.dumps({"event": "error", "exit_code": code, "error": type(exc).__name__,
-                          "message": str(exc)}))
-    print(f"vhdcore: {'error: ' if code != EXIT_TIMEOUT else ''}{exc}", file=sys.stderr)
-    return code
+def repo_mode(ns: argparse.Namespace) -> bool:
+    """``--repo`` given, or ``$VHDCORE_REPO`` set and no single-object target
+    (``image`` without ``--to``; ``restore`` of a NAME rather than a URL)."""
+    if getattr(ns, "repo", None):
+        return True
+    if not os.environ.get("VHDCORE_REPO"):
+        return False
+    if ns.command == "image":
+        return not ns.to
+    if ns.command == "restore":
+        return "://" not in ns.url
+    if ns.command in ("ls", "verify"):
+        return ns.url is None or "://" not in ns.url
+    return False
 
 
 # ------------------------------------------------------------------ parsers
@@ -48,6 +55,7 @@ def add_repo_option(p: argparse.ArgumentParser) -> None:
                         "s3://bucket[/prefix]); $VHDCORE_REPO stands for it")
 
 
+@COMMANDS.parser
 def add_repo_parser(sub: Any) -> None:
     s = _new(sub, "repo", "manage a content-addressed image repository",
              "Manage a content-addressed repository of images on a directory, Swift or S3: "
@@ -65,6 +73,7 @@ def add_repo_parser(sub: Any) -> None:
                    help="chunk compression (default lz4; zstd needs the [zstd] extra)")
 
 
+@COMMANDS.parser
 def add_export_parser(sub: Any) -> None:
     s = _new(sub, "export", "write a repository image as a single-object stream image",
              "Write one image of a repository (the newest of NAME without @ID) to a URL in "
@@ -79,6 +88,7 @@ def add_export_parser(sub: Any) -> None:
     s.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+@COMMANDS.parser
 def add_forget_parser(sub: Any) -> None:
     s = _new(sub, "forget", "remove images from a repository (gc frees the chunks)",
              "Remove one image (NAME@ID), or apply a retention policy (--keep-last, "
@@ -96,6 +106,7 @@ def add_forget_parser(sub: Any) -> None:
     s.add_argument("--json", action="store_true", help="print JSON")
 
 
+@COMMANDS.parser
 def add_gc_parser(sub: Any) -> None:
     s = _new(sub, "gc", "delete chunks no image references",
              "Mark every chunk a committed image references and delete the others that are "
@@ -117,13 +128,14 @@ def add_image_options(s: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------ handlers
+@COMMANDS.handler("repo")
 def run_repo(ns: argparse.Namespace) -> int:
-    from .core import init_repo
+    from ..repo.core import init_repo
 
     try:
         repo = init_repo(ns.url, chunk_size=parse_size(ns.chunk_size), codec=ns.codec)
     except (VhdError, OSError) as exc:
-        return _fail(exc)
+        return fail(exc, ns)
     repo.close()
     print(f"repository created at {ns.url} (chunks of {human_size(repo.chunk_size)}, "
           f"{repo.codec}, keyed BLAKE3 IDs)")
@@ -133,21 +145,21 @@ def run_repo(ns: argparse.Namespace) -> int:
 def run_image(ns: argparse.Namespace, progress: Any) -> int:
     from dataclasses import asdict
 
-    from .writer import create_image
+    from ..repo.writer import create_image
 
     if not ns.name:
         print("vhdcore: error: image --repo needs --name NAME", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if getattr(ns, "to", None):
         print("vhdcore: error: give --to or --repo, not both", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         res = create_image(ns.leaf, repo_of(ns), ns.name, progress=progress,
                            timeout=ns.timeout, fs_aware=ns.fs_aware, rehash=ns.rehash,
                            threads=ns.threads, concurrency=ns.concurrency,
-                           chain_options=getattr(ns, "_chain_options", None))
+                           chain_options=chain_options(ns))
     except (VhdError, OSError) as exc:
-        return _fail(exc, ns.json)
+        return fail(exc, ns, ns.json)
     if ns.json:
         print(json.dumps({"event": "result", "ref": str(res), **asdict(res)}))
     else:
@@ -161,12 +173,12 @@ def run_image(ns: argparse.Namespace, progress: Any) -> int:
 
 
 def run_restore(ns: argparse.Namespace) -> int:
-    from .reader import restore
+    from ..repo.reader import restore
 
     try:
         man = restore(repo_of(ns), ns.url, ns.out, format=ns.format, concurrency=ns.concurrency)
     except (VhdError, OSError) as exc:
-        return _fail(exc)
+        return fail(exc, ns)
     ref = f"{man['name']}@{man['id']}"
     if ns.json:
         print(json.dumps({"event": "result", "ref": ref, "out": ns.out, "format": ns.format,
@@ -177,12 +189,12 @@ def run_restore(ns: argparse.Namespace) -> int:
 
 
 def run_ls(ns: argparse.Namespace) -> int:
-    from .maint import list_images
+    from ..repo.maint import list_images
 
     try:
         rows = list_images(repo_of(ns), ns.url)
     except (VhdError, OSError) as exc:
-        return _fail(exc)
+        return fail(exc, ns)
     if ns.json:
         print(json.dumps(rows, indent=1))
         return EXIT_OK
@@ -200,12 +212,12 @@ def run_ls(ns: argparse.Namespace) -> int:
 def run_verify(ns: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .maint import verify
+    from ..repo.maint import verify
 
     try:
         res = verify(repo_of(ns), ns.url, read_data=ns.read_data, subset=ns.subset)
     except (VhdError, OSError) as exc:
-        return _fail(exc)
+        return fail(exc, ns)
     if ns.json:
         print(json.dumps({"ok": res.ok, **asdict(res)}, indent=1))
     else:
@@ -222,13 +234,14 @@ def run_verify(ns: argparse.Namespace) -> int:
     return EXIT_OK if res.ok else EXIT_ERROR
 
 
+@COMMANDS.handler("export")
 def run_export(ns: argparse.Namespace) -> int:
-    from .reader import export
+    from ..repo.reader import export
 
     try:
         meta = export(repo_of(ns), ns.ref, ns.to, concurrency=ns.concurrency)
     except (VhdError, OSError) as exc:
-        return _fail(exc)
+        return fail(exc, ns)
     if ns.json:
         print(json.dumps({"event": "result", "to": ns.to, "metadata": meta}))
     else:
@@ -236,8 +249,9 @@ def run_export(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@COMMANDS.handler("forget")
 def run_forget(ns: argparse.Namespace) -> int:
-    from .maint import forget
+    from ..repo.maint import forget
 
     policy = {k: getattr(ns, f"keep_{k}") for k in ("last", "daily", "weekly", "monthly")}
     has_policy = any(v is not None for v in policy.values())
@@ -249,10 +263,10 @@ def run_forget(ns: argparse.Namespace) -> int:
             if not ns.ref:
                 print("vhdcore: error: forget needs NAME@ID or --keep-* options",
                       file=sys.stderr)
-                return 2
+                return EXIT_USAGE
             gone = forget(repo_of(ns), ns.ref, dry_run=ns.dry_run)
     except (VhdError, OSError) as exc:
-        return _fail(exc)
+        return fail(exc, ns)
     if ns.json:
         print(json.dumps({"forgotten": gone, "dry_run": ns.dry_run}))
     else:
@@ -261,15 +275,16 @@ def run_forget(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@COMMANDS.handler("gc")
 def run_gc(ns: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .maint import gc
+    from ..repo.maint import gc
 
     try:
         res = gc(repo_of(ns), grace=ns.grace, dry_run=ns.dry_run)
     except (VhdError, OSError) as exc:
-        return _fail(exc)
+        return fail(exc, ns)
     if ns.json:
         print(json.dumps(asdict(res)))
     else:

@@ -1,7 +1,6 @@
 """The fleet's subcommands: ``worker``, ``submit``, ``jobs``, ``cancel``.
 
-:func:`add_parsers` is called by :mod:`vhdcore.cli`; it imports neither
-Celery nor redis-py (the handlers do, when run).
+This module imports neither Celery nor redis-py (the handlers do, when run).
 """
 from __future__ import annotations
 
@@ -9,17 +8,17 @@ import argparse
 import json
 import sys
 
-from collections.abc import Callable
 from typing import Any
 
 from .._args import int_at_least, new_subcommand as _new, positive_seconds
 from .._util import human_size, parse_size
-from ._base import BrokerUnreachableError, FleetError
+from ..fleet._base import BrokerUnreachableError, FleetError
+from ._common import EXIT_FAILED, EXIT_OK, Commands, Handler, fail
 
-__all__ = ["add_parsers"]
+__all__ = ["COMMANDS"]
 
-EXIT_OK, EXIT_ERROR, EXIT_FAILED = 0, 1, 3
-Handler = Callable[[argparse.Namespace], int]
+COMMANDS = Commands()
+
 
 def _guard(fn: Handler) -> Handler:
     """An unreachable broker is exit 3 with a clear message."""
@@ -27,16 +26,13 @@ def _guard(fn: Handler) -> Handler:
         try:
             return fn(ns)
         except BrokerUnreachableError as exc:
-            if getattr(ns, "json", False):
-                print(json.dumps({"event": "error", "exit_code": EXIT_FAILED,
-                                  "error": type(exc).__name__, "message": str(exc)}))
-            print(f"vhdcore: error: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+            return fail(exc, ns, getattr(ns, "json", False), code=EXIT_FAILED)
     run.__doc__ = fn.__doc__
     return run
 
+
 def _worker(ns: argparse.Namespace) -> int:
-    from .worker import run_worker
+    from ..fleet.worker import run_worker
 
     rate = None
     if ns.max_upload_rate is not None:
@@ -47,8 +43,9 @@ def _worker(ns: argparse.Namespace) -> int:
                       max_attempts=ns.max_attempts, state_dir=ns.state_dir,
                       loglevel=ns.loglevel)
 
+
 def _submit(ns: argparse.Namespace) -> int:
-    from .jobs import FleetClient, JobSpec
+    from ..fleet.jobs import FleetClient, JobSpec
 
     if ns.to is None and ns.repo is None:
         raise FleetError("give --to URL or --repo URL --name NAME")
@@ -67,6 +64,7 @@ def _submit(ns: argparse.Namespace) -> int:
                   "again", file=sys.stderr)
     return EXIT_OK
 
+
 def _fmt_eta(eta: float | None) -> str:
     if eta is None:
         return "-"
@@ -77,8 +75,9 @@ def _fmt_eta(eta: float | None) -> str:
         return f"{eta / 60:.0f}m"
     return f"{eta / 3600:.1f}h"
 
+
 def _jobs(ns: argparse.Namespace) -> int:
-    from .jobs import FleetClient
+    from ..fleet.jobs import FleetClient
 
     client = FleetClient(ns.broker)
     infos = [client.get(ns.job)] if ns.job else client.all()
@@ -109,8 +108,9 @@ def _jobs(ns: argparse.Namespace) -> int:
               f"{i.percent:>3}% {done:>21} {rate:>11} {_fmt_eta(i.eta):>5}  {i.error}")
     return EXIT_OK
 
+
 def _cancel(ns: argparse.Namespace) -> int:
-    from .jobs import FleetClient
+    from ..fleet.jobs import FleetClient
 
     info = FleetClient(ns.broker).cancel(ns.job)
     if ns.json:
@@ -122,6 +122,7 @@ def _cancel(ns: argparse.Namespace) -> int:
         print(f"{info.id}: {what}")
     return EXIT_OK
 
+
 def _broker_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", metavar="URL",
                    help="the Redis broker, redis://HOST:6379/0 (default: $VHDCORE_BROKER)")
@@ -130,8 +131,8 @@ def _broker_option(p: argparse.ArgumentParser) -> None:
 _COUNT = int_at_least(1)
 
 
-def add_parsers(sub: Any, commands: dict[str, Handler]) -> None:
-    """Add the fleet's subcommands to ``sub`` and their handlers to ``commands``."""
+@COMMANDS.parser
+def _p_worker(sub: Any) -> None:
     s = _new(sub, "worker", "serve one host's imaging queue (fleet)",
              "Run a Celery worker for the imaging jobs of one host (needs vhdcore[fleet]). "
              "SIGTERM finishes the running jobs first; a killed worker's jobs are "
@@ -156,8 +157,10 @@ def add_parsers(sub: Any, commands: dict[str, Handler]) -> None:
     s.add_argument("--state-dir", metavar="DIR",
                    help="where imaging job states live (default as for `vhdcore image`)")
     s.add_argument("--loglevel", default="INFO", help="Celery's log level (default INFO)")
-    commands["worker"] = _guard(_worker)
 
+
+@COMMANDS.parser
+def _p_submit(sub: Any) -> None:
     s = _new(sub, "submit", "queue an imaging job on a host's worker; prints its ID",
              "Queue an imaging job for the worker of HOSTNAME, where the chain lives; prints "
              "the job ID. Submitting the same job again (same host, leaf and target) returns "
@@ -179,8 +182,10 @@ def add_parsers(sub: Any, commands: dict[str, Handler]) -> None:
                    help="store every non-zero block (default: skip free space)")
     s.add_argument("--json", action="store_true", help="print JSON")
     _broker_option(s)
-    commands["submit"] = _guard(_submit)
 
+
+@COMMANDS.parser
+def _p_jobs(sub: Any) -> None:
     s = _new(sub, "jobs", "the fleet's jobs: state, stage, percent, host",
              "Show every job (or one) with its state, stage, percent, bytes, rate, ETA, host "
              "and error, from the progress the workers publish to Redis.",
@@ -188,8 +193,10 @@ def add_parsers(sub: Any, commands: dict[str, Handler]) -> None:
     s.add_argument("job", nargs="?", metavar="JOB", help="one job (an ID or its start)")
     s.add_argument("--json", action="store_true", help="print JSON")
     _broker_option(s)
-    commands["jobs"] = _guard(_jobs)
 
+
+@COMMANDS.parser
+def _p_cancel(sub: Any) -> None:
     s = _new(sub, "cancel", "cancel a queued or running job (fleet)",
              "Cancel a queued job, or stop a running one at its next segment (its job state "
              "is kept: submitting it again resumes it).",
@@ -197,5 +204,9 @@ def add_parsers(sub: Any, commands: dict[str, Handler]) -> None:
     s.add_argument("job", metavar="JOB")
     s.add_argument("--json", action="store_true", help="print JSON")
     _broker_option(s)
-    commands["cancel"] = _guard(_cancel)
 
+
+COMMANDS.handler("worker")(_guard(_worker))
+COMMANDS.handler("submit")(_guard(_submit))
+COMMANDS.handler("jobs")(_guard(_jobs))
+COMMANDS.handler("cancel")(_guard(_cancel))
