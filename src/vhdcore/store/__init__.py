@@ -32,7 +32,7 @@ from .base import (
 from .directory import DirectoryStore
 from .restore import restore, verify
 from .retry import RetryPolicy
-from .upload import SegmentUploader, UploadStats, pack_segments, upload_frames
+from .upload import SegmentPacker, SegmentUploader, UploadStats, pack_segments, upload_frames
 
 __all__ = [
     "MiB",
@@ -42,6 +42,7 @@ __all__ = [
     "RetryPolicy",
     "SegmentInfo",
     "SegmentLimits",
+    "SegmentPacker",
     "SegmentUploader",
     "Store",
     "UploadStats",
