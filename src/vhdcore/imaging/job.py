@@ -356,6 +356,7 @@ class _Job:
                               threads=self.threads, free_map=self.free_map)
         compressor = FrameCompressor(self.compress_threads,
                                      compress=lambda b: _api().compress_frame(b))
+        sink.hashed = source.hasher.wait_for
         uploader = sink.uploader
         try:
             try:
@@ -371,6 +372,7 @@ class _Job:
                 raise VhdTimeoutError(f"imaging {what} while uploading "
                                       f"({len(self.state['segments'])} segments stored); "
                                       f"{self.resume_hint}") from None
+            source.close()
             digest = source.sha.hexdigest()
             try:
                 manifest = uploader.finish(self._metadata(digest, stream_size, len(stored)))
@@ -387,6 +389,10 @@ class _Job:
             raise
         finally:
             compressor.close()
+            try:
+                source.close()
+            except Exception:
+                pass  # the job already failed; its own error is raised
         self.stage_seconds["uploading"] = monotonic() - tu
         _remove_state(self.spath)
         stats = uploader.stats

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -38,13 +39,14 @@ from ..errors import IntegrityError, JobStateError
 from ..store import SegmentPacker, SegmentUploader
 from ..store.base import SegmentInfo
 
-__all__ = ["RawFrame", "StreamSource", "SegmentSink", "segments_digest"]
+__all__ = ["RawFrame", "StreamHasher", "StreamSource", "SegmentSink", "segments_digest"]
 
 
 @dataclass
 class RawFrame:
     """One frame of the uncompressed stream: its number (0 = head), size,
-    xxh3 and the block rank it holds (-1 for head and footer)."""
+    xxh3 (-1 until hashed) and the block rank it holds (-1 for head and
+    footer)."""
 
     index: int
     size: int
@@ -60,11 +62,83 @@ def segments_digest(frame_digests: list[int]) -> str:
     return h.hexdigest()
 
 
+class StreamHasher:
+    """The SHA-256 of the stream and each frame's xxh3, on a thread of its
+    own (hashlib releases the GIL), fed in order through a bounded queue:
+    the digests keep pace beside the compressor instead of in front of it.
+    :meth:`wait_for` blocks until a frame is hashed (its ``xxh3`` set)."""
+
+    def __init__(self, depth: int = 8) -> None:
+        self.sha = hashlib.sha256()
+        self._q: queue.Queue[tuple[RawFrame, bytes] | None] = queue.Queue(maxsize=depth)
+        self._cond = threading.Condition()
+        self._done = 0  # frames [0, _done) are hashed
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="vhdcore-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._q.get()
+                if item is None:
+                    return
+                meta, raw = item
+                self.sha.update(raw)
+                meta.xxh3 = xxhash.xxh3_64_intdigest(raw)
+                with self._cond:
+                    self._done = meta.index + 1
+                    self._cond.notify_all()
+        except BaseException as exc:  # handed to the waiting side
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+
+    def put(self, meta: RawFrame, raw: bytes) -> None:
+        """Queue frame ``meta.index`` (frames come in order)."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._q.put((meta, raw), timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def wait_for(self, index: int) -> None:
+        """Block until frame ``index`` is hashed."""
+        with self._cond:
+            while self._done <= index:
+                if self._error is not None:
+                    raise self._error
+                if not self._thread.is_alive():
+                    raise RuntimeError("the stream hasher stopped")
+                self._cond.wait(0.5)
+
+    def close(self) -> None:
+        """Stop the thread once the queued frames are hashed."""
+        if not self._closed:
+            self._closed = True
+            while True:
+                try:
+                    self._q.put(None, timeout=0.5)
+                    break
+                except queue.Full:
+                    if not self._thread.is_alive():
+                        break
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 class StreamSource:
     """The stream's frames in order (see the module docstring).  Iterate
     :meth:`frames`; each yields ``bytes`` (or ``None`` for a frame the caller
     says it does not need, see ``wanted``) and appends its :class:`RawFrame`
-    to :attr:`meta`, which the consumer pops in the same order."""
+    to :attr:`meta`, which the consumer pops in the same order.  The
+    SHA-256 (:attr:`sha`, complete after :meth:`close`) and each frame's
+    xxh3 are computed by a :class:`StreamHasher`."""
 
     def __init__(self, chain: Chain, stored: list[int], head: bytes, tail: bytes, *,
                  threads: int = 2, free_map: FreeMap | None = None) -> None:
@@ -74,7 +148,8 @@ class StreamSource:
         self.tail = tail
         self.threads = threads
         self.free_map = free_map
-        self.sha = hashlib.sha256()
+        self.hasher = StreamHasher(depth=max(4, 2 * threads))
+        self.sha = self.hasher.sha
         self.bytes_read = 0
         self.meta: deque[RawFrame] = deque()
 
@@ -107,10 +182,15 @@ class StreamSource:
         """The frames' bytes in order; ``None`` where ``wanted(index)`` is
         False (the frame is still read and hashed)."""
         for index, (raw, rank) in enumerate(self._raw()):
-            self.sha.update(raw)
+            meta = RawFrame(index, len(raw), -1, rank)
+            self.hasher.put(meta, raw)
             self.bytes_read += len(raw)
-            self.meta.append(RawFrame(index, len(raw), xxhash.xxh3_64_intdigest(raw), rank))
+            self.meta.append(meta)
             yield raw if wanted is None or wanted(index) else None
+
+    def close(self) -> None:
+        """Finish hashing (:attr:`sha` is then the stream's digest)."""
+        self.hasher.close()
 
 
 class SegmentSink:
@@ -134,7 +214,9 @@ class SegmentSink:
         self.gate = gate
         self.where = where
         self._pending: dict[int, tuple[int, int, str]] = {}
-        self._digests: list[int] = []  # xxh3 of the open (or skipped) segment's frames
+        self._frames: list[RawFrame] = []  # the open (or skipped) segment's frames
+        #: waits until a frame's xxh3 is known (StreamHasher.wait_for)
+        self.hashed: Callable[[int], None] = lambda index: None
         self._skip_until = -1
         self._skip: tuple[int, dict[str, Any]] | None = None
         self._starts = sorted(self.reusable)
@@ -167,9 +249,9 @@ class SegmentSink:
             self.packer.skip(index, int(rec["count"]))
             self._skip_until = index + int(rec["count"])
             self._skip = (k, rec)
-            self._digests = []
+            self._frames = []
         if index < self._skip_until:
-            self._digests.append(meta.xxh3)
+            self._frames.append(meta)
             if index == self._skip_until - 1:
                 self._adopt()
             return sent
@@ -177,31 +259,36 @@ class SegmentSink:
         if self.packer.pending_bytes and self.packer.pending_bytes + len(frame) > \
                 self.packer.segment_size:
             sent = self._send(self.packer.flush(index)) or sent
-        self._digests.append(meta.xxh3)
+        self._frames.append(meta)
         self.packer.add(index, frame)
         return sent
 
     def _adopt(self) -> None:
         assert self._skip is not None
         k, rec = self._skip
-        if rec.get("xxh3") not in (None, segments_digest(self._digests)):
+        if rec.get("xxh3") not in (None, self._digest(self._frames)):
             raise IntegrityError(f"segment {k} that an earlier run stored no longer matches "
                                  "the chain: the chain changed since; run with --restart")
         self.uploader.adopt(self.existing[k])
-        self._skip, self._digests = None, []
+        self._skip, self._frames = None, []
 
     def _send(self, seg: tuple[int, int, int, bytes] | None) -> bool:
         if seg is None:
             return False
         index, first, count, data = seg
-        digest = segments_digest(self._digests[:count])
-        del self._digests[:count]
+        digest = self._digest(self._frames[:count])
+        del self._frames[:count]
         if self.gate is not None:
             self.gate(len(data))
         with self.lock:
             self._pending[index] = (first, count, digest)
         self.uploader.submit(index, data)
         return True
+
+    def _digest(self, frames: list[RawFrame]) -> str:
+        if frames:
+            self.hashed(frames[-1].index)
+        return segments_digest([f.xxh3 for f in frames])
 
     def flush(self, nframes: int) -> bool:
         """Close the last segment (after frame ``nframes - 1``)."""
