@@ -4,9 +4,11 @@ job state, then runs the stages -- the plan (coalescing, 25%), the stream
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import platform
 import sys
 import threading
 from collections.abc import Callable
@@ -112,6 +114,7 @@ def create_image(leaf: PathLike, target_url: str, *, threads: int = 2,
     The source chain is only read.
     """
     t0 = monotonic()
+    _bound_malloc()
     rep = _Reporter(progress)
     rep.enter("queued", message=f"imaging {os.fspath(leaf)} to {target_url}")
     deadline = t0 + timeout if timeout is not None else None
@@ -450,9 +453,29 @@ class _Job:
         return meta
 
 
-#: segments waiting for an upload thread are held in memory up to about this
-#: many bytes (plus the one being packed and those being sent)
-_PENDING_BYTES = 64 << 20
+#: segments handed to the uploader (queued or being sent) are held in memory
+#: up to about this many bytes (at least one segment), besides the one being packed
+_PENDING_BYTES = 32 << 20
+#: allocations from this size up are mapped afresh and returned at once (glibc)
+_MMAP_THRESHOLD = 4 << 20
+
+
+def _bound_malloc() -> None:
+    """Make glibc map every allocation of :data:`_MMAP_THRESHOLD` bytes or
+    more afresh and return it when freed.  Its default threshold rises to
+    the largest block freed so far (up to 32 MiB), after which the
+    segments (8-32 MiB, made and freed one after another by different
+    threads) come from the heap arenas and stay resident as fragments: about
+    a third of the job's peak RSS.  Segments are few, so mapping them costs
+    little.  Left alone where ``MALLOC_MMAP_THRESHOLD_`` is set, and off
+    glibc."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(_MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _refuse_existing_image(store: Store, target_url: str, replace: bool) -> None:
