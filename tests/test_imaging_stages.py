@@ -157,3 +157,71 @@ def test_stream_source_frames_in_order(tmp_path):
         with pytest.raises(IntegrityError):
             list(bad.frames())
     assert compress_frame(b"") != b""
+
+
+def _interrupted_upload(tmp_path):
+    """A job interrupted after its first segment is stored: (leaf, url)."""
+    from vhdcore._workloads import make_chain
+    from vhdcore.errors import VhdTimeoutError
+    from vhdcore.imaging import create_image
+
+    w = make_chain(tmp_path / "c", "realistic", size=24 << 20, layers=2, seed=4,
+                   block_size=512 * 1024)
+    url = f"file://{tmp_path}/image"
+
+    def stop(ev):
+        if ev.stage == "uploading" and ev.blocks_done >= 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(VhdTimeoutError):
+        create_image(w.leaf, url, segment_size=1 << 20, progress=stop, fs_aware=False)
+    return w.leaf, url
+
+
+def test_adopted_segment_must_match_the_chain(tmp_path):
+    """A resumed job checks the xxh3 its state recorded for each segment it
+    adopts without sending it again: a mismatch means the chain changed."""
+    import json
+
+    from vhdcore.imaging import create_image, job_state_path
+
+    leaf, url = _interrupted_upload(tmp_path)
+    spath = job_state_path(url)
+    state = json.loads(open(spath).read())
+    assert state["segments"] and all("xxh3" in r for r in state["segments"].values())
+    good = json.dumps(state)
+    for rec in state["segments"].values():
+        rec["xxh3"] = "0" * 16
+    open(spath, "w").write(json.dumps(state))
+    with pytest.raises(IntegrityError, match="no longer matches"):
+        create_image(leaf, url, segment_size=1 << 20, resume=True, fs_aware=False)
+    open(spath, "w").write(good)
+    res = create_image(leaf, url, segment_size=1 << 20, resume=True, fs_aware=False)
+    assert res.segments_skipped >= 1
+
+
+def test_state_of_earlier_releases_resumes(tmp_path):
+    """A job state whose plan lists ``[block, fingerprint, sectors]`` (as
+    the two-pass job wrote it) and whose segments carry no xxh3 resumes
+    into the same image."""
+    import json
+
+    from vhdcore.imaging import create_image, job_state_path
+    from vhdcore.store import open_store
+
+    leaf, url = _interrupted_upload(tmp_path)
+    spath = job_state_path(url)
+    state = json.loads(open(spath).read())
+    state["plan"] = [[b, "feedfacecafebeef", 1024] for b in state["plan"]]
+    for rec in state["segments"].values():
+        del rec["xxh3"]
+    open(spath, "w").write(json.dumps(state))
+    res = create_image(leaf, url, segment_size=1 << 20, resume=True, fs_aware=False)
+    assert res.resumed and res.segments_skipped >= 1
+    (tmp_path / "ref").mkdir()
+    ref = create_image(leaf, f"file://{tmp_path}/ref/image", segment_size=1 << 20,
+                       fs_aware=False)
+    assert res.sha256 == ref.sha256
+    a = open_store(url).get_manifest().segments
+    b = open_store(f"file://{tmp_path}/ref/image").get_manifest().segments
+    assert [(s.size, s.etag) for s in a] == [(s.size, s.etag) for s in b]

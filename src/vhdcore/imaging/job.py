@@ -42,6 +42,7 @@ from .state import (
     _remove_state,
     _save_state,
     job_state_path,
+    plan_blocks,
 )
 
 __all__ = ["ImageResult", "create_image"]
@@ -228,7 +229,7 @@ class _Job:
         candidates = planner.candidates()
         total_blocks = len(chain.allocated_blocks())
         if state["stage"] == "coalescing":
-            plan: list[int] = state["plan"]
+            plan: list[Any] = state["plan"]
             start = int(state["scanned_to"])
             todo = [b for b in candidates if b >= start]
             vsize = chain.virtual_size
@@ -251,9 +252,9 @@ class _Job:
             state["stage"] = "uploading"
             self.save()
         self.stage_seconds["coalescing"] = monotonic() - tc
-        return [int(b) for b in state["plan"]]
+        return plan_blocks(state["plan"])
 
-    def _scan(self, planner: BlockPlanner, todo: list[int], plan: list[int], done0: int,
+    def _scan(self, planner: BlockPlanner, todo: list[int], plan: list[Any], done0: int,
               c_deadline: float | None) -> None:
         chain, rep, state = self.chain, self.rep, self.state
         vsize, total_blocks = chain.virtual_size, len(chain.allocated_blocks())

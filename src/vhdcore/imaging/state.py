@@ -17,9 +17,15 @@ __all__ = ["STREAM_FORMAT", "STATE_VERSION", "job_state_path"]
 
 #: identifies the layout of the image stream (a change makes old states invalid)
 STREAM_FORMAT = "vhd-dynamic-ascending/1"
-#: version 2: the plan lists block numbers only; each segment record carries
-#: the xxh3 of its uncompressed frames (checked when a resumed job adopts it)
-STATE_VERSION = 2
+#: the plan lists the stored blocks (a number, or ``[number, ...]`` as
+#: states of earlier releases wrote it); a segment record may carry the xxh3
+#: of its uncompressed frames (checked when a resumed job adopts the segment)
+STATE_VERSION = 1
+
+
+def plan_blocks(plan: list[Any]) -> list[int]:
+    """The block numbers of a job state's plan."""
+    return [int(p[0]) if isinstance(p, list) else int(p) for p in plan]
 
 
 def _state_home() -> str:
