@@ -155,7 +155,7 @@ def test_image_to_swift_vs_swift_upload(benchmark, workloads, tmp_path, request,
 
     swift = shutil.which("swift")
     if swift is None:
-        pytest.skip("the swift command (python-swiftclient) is not installed")
+        server_missing("the swift command (python-swiftclient) is not installed")
     w = workloads("realistic")
     res = create_image(w.leaf, f"file://{tmp_path}/image", threads=2, segment_size=SEGMENT,
                        store_options={"fsync": False}, fs_aware=False)
