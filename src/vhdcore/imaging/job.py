@@ -414,7 +414,10 @@ class _Job:
     def _stream(self, source: StreamSource, compressor: FrameCompressor, sink: SegmentSink,
                 stream_size: int) -> None:
         """Run the stream through the stages: source -> compressor -> sink;
-        stops (``_Stop``) at the job's timeout, at a frame boundary."""
+        stops (``_Stop``) at the job's timeout at a safe point: right after a
+        segment was handed to the uploader, or while no segment is open (so
+        no compressed frame is thrown away; the overshoot is at most the time
+        one segment takes to produce)."""
         rep, nblocks = self.rep, len(source.stored)
         last_save = monotonic()
         done = 0
@@ -429,7 +432,8 @@ class _Job:
                 now = monotonic()
                 if meta.index == source.nframes - 1:
                     break
-                if self.deadline is not None and now >= self.deadline:
+                safe = sent or sink.packer.pending_bytes == 0
+                if safe and self.deadline is not None and now >= self.deadline:
                     raise _Stop("timeout")
                 if now - last_save > 2.0:
                     self.save()
