@@ -138,3 +138,72 @@ def test_flatten_memory_bounded(benchmark, big_sparse, tmp_path):
     gbps(benchmark, big_sparse.virtual_size)
     if got["peak_anon"]:  # 0 where there is no /proc to sample
         assert got["peak_anon"] < 256 * MiB, got
+
+
+@pytest.mark.swift
+def test_image_to_swift_vs_swift_upload(benchmark, workloads, tmp_path, request,
+                                        swift_container):
+    """``vhdcore image --to swift://`` against ``swift upload --use-slo`` of
+    the same lz4 bytes with the same segment size, both started as commands,
+    interleaved in the same run; ``extra_info["vs_swift_upload"]`` is the
+    ratio (swift upload seconds / image seconds; the target is >= 0.85)."""
+    import shutil
+    import statistics
+    import subprocess
+    import sys
+    import time
+
+    swift = shutil.which("swift")
+    if swift is None:
+        server_missing("the swift command (python-swiftclient) is not installed")
+    w = workloads("realistic")
+    res = create_image(w.leaf, f"file://{tmp_path}/image", threads=2, segment_size=SEGMENT,
+                       store_options={"fsync": False}, fs_aware=False)
+    stream = tmp_path / "stream.lz4"
+    with open(stream, "wb") as out:
+        for seg in sorted(tmp_path.glob("image.segments/**/*.lz4")):
+            out.write(seg.read_bytes())
+    assert stream.stat().st_size == res.compressed_size
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    state = {"i": 0}
+    peer_s: list[float] = []
+
+    def setup():
+        state["i"] += 1
+        obj = f"peer-{state['i']}"
+        t = time.perf_counter()
+        subprocess.run([swift, "upload", "--use-slo", "-S", str(SEGMENT), "--object-name", obj,
+                        swift_container, str(stream)], check=True, capture_output=True)
+        peer_s.append(time.perf_counter() - t)
+        return (f"swift://{swift_container}/image-{state['i']}",), {}
+
+    def run(url):
+        subprocess.run([sys.executable, "-m", "vhdcore", "image", str(w.leaf), "--to", url,
+                        "--segment-size", str(SEGMENT), "--threads", "2", "--no-fs-aware",
+                        "--state-dir", str(tmp_path), "-q"], check=True, capture_output=True,
+                       env=env)
+
+    benchmark.pedantic(run, setup=setup, rounds=_rounds(request), iterations=1)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None:
+        benchmark.extra_info["vs_swift_upload"] = round(
+            statistics.median(peer_s) / stats.stats.median, 3)
+    benchmark.extra_info.update(swift_upload_seconds=round(statistics.median(peer_s), 3),
+                                compressed_bytes=res.compressed_size, target=">= 0.85")
+    gbps(benchmark, res.stream_size)
+
+
+def test_image_memory_bounded(benchmark, big_sparse, tmp_path):
+    """``image`` of a large sparse chain to a directory in a child process
+    (default options): the peak resident set stays under 256 MiB."""
+    got: dict = {}
+
+    def run():
+        got.update(measure_peak_memory("imaging", big_sparse.leaf, f"file://{tmp_path}/image"))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(virtual_bytes=big_sparse.virtual_size,
+                                peak_rss=got["peak_rss"], peak_anon=got["peak_anon"],
+                                peak_file=got["peak_file"], target="< 256 MiB")
+    gbps(benchmark, big_sparse.virtual_size)
+    assert got["peak_rss"] < 256 * MiB, got

@@ -23,7 +23,7 @@ import concurrent.futures
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Union, cast
 
 import lz4.frame
@@ -248,13 +248,16 @@ class FrameCompressor:
                 ...
     """
 
-    def __init__(self, threads: int | None = None, max_in_flight: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, max_in_flight: int | None = None,
+                 compress: Callable[[Buffer], bytes] | None = None) -> None:
         self.threads = int(threads or os.cpu_count() or 1)
         if self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self.max_in_flight = int(max_in_flight or 2 * self.threads)
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        #: the function that makes one frame (:func:`compress_frame`)
+        self.compress_one = compress or compress_frame
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -268,22 +271,34 @@ class FrameCompressor:
 
     def compress(self, chunks: Iterable[Buffer]) -> Iterator[bytes]:
         """Yield one frame per chunk of ``chunks``, in order."""
+        for frame in self.compress_optional(chunks):
+            assert frame is not None
+            yield frame
+
+    def compress_optional(self, chunks: Iterable[Buffer | None]
+                          ) -> Generator[bytes | None, None, None]:
+        """Like :meth:`compress`, but a ``None`` chunk passes through as
+        ``None`` in its place (a frame the caller does not need again, e.g.
+        one a resumed upload already stored)."""
         if self.threads == 1:
             for chunk in chunks:
-                yield compress_frame(chunk)
+                yield None if chunk is None else self.compress_one(chunk)
             return
         pool = self._executor()
-        window: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
+        window: collections.deque[concurrent.futures.Future[bytes] | None] = collections.deque()
         try:
             for chunk in chunks:
                 if len(window) >= self.max_in_flight:
-                    yield window.popleft().result()
-                window.append(pool.submit(compress_frame, chunk))
+                    head = window.popleft()
+                    yield None if head is None else head.result()
+                window.append(None if chunk is None else pool.submit(self.compress_one, chunk))
             while window:
-                yield window.popleft().result()
+                head = window.popleft()
+                yield None if head is None else head.result()
         finally:
             for fut in window:
-                fut.cancel()
+                if fut is not None:
+                    fut.cancel()
 
     def close(self) -> None:
         """Shut the thread pool down."""

@@ -27,7 +27,7 @@ from .base import (
 from .directory import DirectoryStore
 from .restore import restore, verify
 from .retry import RetryPolicy
-from .upload import SegmentUploader, UploadStats, pack_segments, upload_frames
+from .upload import SegmentPacker, SegmentUploader, UploadStats, pack_segments, upload_frames
 from .urls import SCHEMES, URL_FORMS, list_images, open_store, parse_url
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "RetryPolicy",
     "SegmentInfo",
     "SegmentLimits",
+    "SegmentPacker",
     "SegmentUploader",
     "Store",
     "UploadStats",

@@ -1,10 +1,10 @@
 """Upload an image stream: pack frames into segments, upload them in parallel, resume.
 
-* :func:`pack_segments` groups frames into segments (whole frames only).
+* :class:`SegmentPacker` / :func:`pack_segments` group frames into segments (whole frames only).
 * :class:`SegmentUploader` uploads numbered segments on a thread pool with a
   bounded number in memory, skipping those already in the store (resume), and
-  writes the manifest at the end.  The imaging pipeline submits segment 0 (the
-  image head) last.
+  writes the manifest at the end.  Segments may arrive in any order; the
+  imaging pipeline sends them in stream order, the image head first.
 * :func:`upload_frames` does both for a plain frame sequence.
 """
 
@@ -33,7 +33,7 @@ from .base import (
     check_segment_sequence,
 )
 
-__all__ = ["SegmentUploader", "UploadStats", "pack_segments", "upload_frames"]
+__all__ = ["SegmentPacker", "SegmentUploader", "UploadStats", "pack_segments", "upload_frames"]
 
 _log = logging.getLogger("vhdcore.store")
 
@@ -42,31 +42,83 @@ _log = logging.getLogger("vhdcore.store")
 ProgressCallback = Callable[[SegmentInfo, bool], None]
 
 
+class SegmentPacker:
+    """Groups frames into segments (whole frames only), one frame at a time.
+
+    A segment closes when adding the next frame would take it past
+    ``segment_size``; a single frame larger than ``segment_size`` gets a
+    segment of its own.  Numbering depends only on the frame sizes, so the
+    same image always packs the same way.  :meth:`add` returns the segment
+    the frame closed, if any; :meth:`flush` closes the open one.  A caller
+    that resumes can :meth:`skip` segments an earlier run already stored.
+    """
+
+    def __init__(self, segment_size: int, first_index: int = 0) -> None:
+        if segment_size <= 0:
+            raise ValueError(f"segment_size must be positive, got {segment_size}")
+        self.segment_size = segment_size
+        #: number of the open (next) segment and number of its first frame
+        self.index = first_index
+        self.first_frame = 0
+        self._parts: list[Buffer] = []
+        self._size = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the open segment."""
+        return self._size
+
+    def add(self, frame_index: int, frame: Buffer) -> tuple[int, int, int, bytes] | None:
+        """Add frame ``frame_index``; return ``(segment, first frame, frame
+        count, bytes)`` of the segment it closed, else None."""
+        out = None
+        if self._parts and self._size + len(frame) > self.segment_size:
+            out = self.flush(frame_index)
+        if not self._parts:
+            self.first_frame = frame_index
+        self._parts.append(frame)
+        self._size += len(frame)
+        return out
+
+    def flush(self, next_frame: int) -> tuple[int, int, int, bytes] | None:
+        """Close the open segment (its frames end before ``next_frame``)."""
+        if not self._parts:
+            self.first_frame = next_frame
+            return None
+        data = self._parts[0] if len(self._parts) == 1 and isinstance(self._parts[0], bytes) \
+            else b"".join(self._parts)
+        out = (self.index, self.first_frame, next_frame - self.first_frame, data)
+        self.index += 1
+        self._parts, self._size = [], 0
+        self.first_frame = next_frame
+        return out
+
+    def skip(self, frame_index: int, count: int) -> int:
+        """Count segment :attr:`index` as stored already: it holds frames
+        ``[frame_index, frame_index + count)``; the open segment must be
+        empty.  Returns the skipped segment's number."""
+        if self._parts:
+            raise ValueError("a segment is open")
+        index = self.index
+        self.index += 1
+        self.first_frame = frame_index + count
+        return index
+
+
 def pack_segments(
     frames: Iterable[Buffer], segment_size: int, first_index: int = 0
 ) -> Iterator[tuple[int, bytes]]:
-    """Group ``frames`` into ``(index, segment bytes)``, numbered from ``first_index``.
-
-    A segment is a whole number of frames: a new segment starts when adding
-    the next frame would take it past ``segment_size``; a single frame larger
-    than ``segment_size`` gets a segment of its own.  Numbering depends only
-    on the frame sizes, so the same image always packs the same way.
-    """
-    if segment_size <= 0:
-        raise ValueError(f"segment_size must be positive, got {segment_size}")
-    index = first_index
-    pending: list[Buffer] = []
-    size = 0
-    for frame in frames:
-        n = len(frame)
-        if pending and size + n > segment_size:
-            yield index, b"".join(pending)
-            index += 1
-            pending, size = [], 0
-        pending.append(frame)
-        size += n
-    if pending:
-        yield index, b"".join(pending)
+    """Group ``frames`` into ``(index, segment bytes)``, numbered from
+    ``first_index`` (see :class:`SegmentPacker`)."""
+    packer = SegmentPacker(segment_size, first_index)
+    n = 0
+    for n, frame in enumerate(frames):
+        done = packer.add(n, frame)
+        if done is not None:
+            yield done[0], done[3]
+    last = packer.flush(n + 1)
+    if last is not None:
+        yield last[0], last[3]
 
 
 @dataclass
