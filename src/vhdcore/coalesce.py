@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import signal
 import threading
@@ -438,6 +439,25 @@ class _SparseWriter:
         self.runs = np.zeros(2 * (sectors_per_block // 2 + 1), dtype=np.uint32)
         self.wb_from = 0
         self.wb_to = 0
+        # the requests go to a thread of their own: starting writeback waits
+        # for room in the device's queue, which must not stall the merge
+        self._wbq: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._wbt: threading.Thread | None = None
+
+    def _writeback(self) -> None:
+        while True:
+            item = self._wbq.get()
+            if item is None:
+                return
+            _io.start_writeback(self.fd, item[0], item[1])
+
+    def close(self) -> None:
+        """Wait for the writeback requests (before the file is fsynced or
+        closed)."""
+        if self._wbt is not None:
+            self._wbq.put(None)
+            self._wbt.join()
+            self._wbt = None
 
     def write(self, data: memoryview, bitmap: memoryview, nsectors: int, limit: int,
               file_off: int) -> None:
@@ -463,7 +483,11 @@ class _SparseWriter:
                 _io.pwrite_all(fd, data[a:b], file_off + a)
         self.wb_to = max(self.wb_to, file_off + int(ends[-1]))
         if self.wb_to - self.wb_from >= WRITEBACK_CHUNK:
-            _io.start_writeback(fd, self.wb_from, self.wb_to - self.wb_from)
+            if self._wbt is None:
+                self._wbt = threading.Thread(target=self._writeback, daemon=True,
+                                             name="vhdcore-writeback")
+                self._wbt.start()
+            self._wbq.put((self.wb_from, self.wb_to - self.wb_from))
             self.wb_from = self.wb_to
 
 
@@ -495,22 +519,25 @@ def write_flat(chain: Chain, out: str, format: str = "vhd", *, threads: int = 2,
         else:
             _io.ftruncate(fd, vsize)
         sw = _SparseWriter(fd, chain.sectors_per_block)
-        for blk in iter_image_blocks(chain, threads=threads, free_map=free_map,
-                                     prefetch=prefetch):
-            if layout is not None:
-                off = layout.block_offset(len(stored))
-                _io.pwrite_all(fd, blk.bitmap[: layout.bitmap_size], off)
-                sw.write(blk.data, blk.bitmap, blk.nsectors, blk.nsectors * SECTOR,
-                         off + layout.bitmap_size)
-                written += layout.block_stride
-            else:
-                n = min(blk.nsectors * SECTOR, vsize - blk.index * bs)
-                sw.write(blk.data, blk.bitmap, blk.nsectors, n, blk.index * bs)
-                written += n
-            stored.append(blk.index)
-            sectors += blk.sectors_set
-            if progress is not None:
-                progress(min(total, (blk.index + 1) * bs), total)
+        try:
+            for blk in iter_image_blocks(chain, threads=threads, free_map=free_map,
+                                         prefetch=prefetch):
+                if layout is not None:
+                    off = layout.block_offset(len(stored))
+                    _io.pwrite_all(fd, blk.bitmap[: layout.bitmap_size], off)
+                    sw.write(blk.data, blk.bitmap, blk.nsectors, blk.nsectors * SECTOR,
+                             off + layout.bitmap_size)
+                    written += layout.block_stride
+                else:
+                    n = min(blk.nsectors * SECTOR, vsize - blk.index * bs)
+                    sw.write(blk.data, blk.bitmap, blk.nsectors, n, blk.index * bs)
+                    written += n
+                stored.append(blk.index)
+                sectors += blk.sectors_set
+                if progress is not None:
+                    progress(min(total, (blk.index + 1) * bs), total)
+        finally:
+            sw.close()
         if layout is not None:
             head = layout.head(stored)
             _io.pwrite_all(fd, head, 0)
