@@ -463,7 +463,7 @@ class _SparseWriter:
               file_off: int) -> None:
         """Write ``data[:limit]`` (``nsectors`` sectors, bitmap ``bitmap``)
         at ``file_off``, leaving out whole zero pages."""
-        k = kernels.find_runs(bitmap, nsectors, self.runs)
+        k = kernels.find_runs(bitmap, nsectors, self.runs)  # type: ignore[arg-type]  # numpy: Buffer on 3.12+
         if k == 0:
             return
         r = self.runs[: 2 * k].astype(np.int64)
