@@ -501,14 +501,28 @@ class Chain:
     def iter_raw(self, chunk: int | None = None) -> Iterable[memoryview]:
         """The whole virtual disk as a sequence of views of one reused buffer
         (copy each before the next is produced)."""
+        from .coalesce import PREFETCH_BLOCKS, _Prefetcher
+
         chunk = chunk or self.block_size
         chunk = max(self.block_size, chunk // self.block_size * self.block_size)
         buf = aligned_buffer(chunk)
         pos = 0
-        while pos < self.virtual_size:
-            n = self.read_into(pos, buf[: min(chunk, self.virtual_size - pos)])
-            yield buf[:n]
-            pos += n
+        # read ahead of the merge for cold caches (a helper thread, advice only)
+        alloc = [int(b) for b in self.allocated_blocks()]
+        ahead = _Prefetcher(self, alloc, PREFETCH_BLOCKS) if alloc else None
+        i = 0
+        try:
+            while pos < self.virtual_size:
+                end = pos + min(chunk, self.virtual_size - pos)
+                while ahead is not None and i < len(alloc) and alloc[i] * self.block_size < end:
+                    ahead.advance()
+                    i += 1
+                n = self.read_into(pos, buf[: end - pos])
+                yield buf[:n]
+                pos += n
+        finally:
+            if ahead is not None:
+                ahead.stop()
 
     def copy_to_raw(self, path: PathLike, *, threads: int = 2) -> int:
         """Write the virtual disk as a raw file (``path + ".part"``, fsynced,
