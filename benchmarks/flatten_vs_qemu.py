@@ -2,8 +2,8 @@
 disk of a few GiB: cold (the page cache dropped before each side; needs root)
 and warm, with the output made durable inside the timing on both sides.
 
-    PYTHONPATH=src python3 benchmarks/flatten_vs_qemu.py --dir /var/tmp/fvq --size 4G
-    PYTHONPATH=src python3 benchmarks/flatten_vs_qemu.py --dir /var/tmp/fvq --only vpc --modes cold
+    PYTHONPATH=src python3 benchmarks/flatten_vs_qemu.py --dir DIR --size 4G
+    PYTHONPATH=src python3 benchmarks/flatten_vs_qemu.py --dir DIR --only vpc --modes cold
 
 The directory (on the file system to measure) receives a realistic
 three-layer chain (``vhdcore._workloads.make_chain``) and that chain flattened
