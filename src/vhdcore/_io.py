@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 __all__ = ["pwrite_all", "fsync", "ftruncate", "replace", "unlink", "fsync_dir", "atomic_write",
-           "create_temp", "make_dirs", "FILE_MODE", "PRIVATE_MODE", "FaultPlan", "inject", "SimulatedCrash"]
+           "create_temp", "make_dirs", "start_writeback", "will_need", "FILE_MODE", "PRIVATE_MODE", "FaultPlan", "inject", "SimulatedCrash"]
 
 #: mode of every new file vhdcore writes: the process umask decides (like cp
 #: or qemu-img); only job state and checkpoints use PRIVATE_MODE
@@ -207,6 +207,61 @@ def create_temp(directory: str, prefix: str, suffix: str, *,
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary name in {directory}")
+
+
+# --------------------------------------------------------------------------
+# advice to the kernel: never a write, never a durability promise, never fails
+_SYNC_FILE_RANGE_WRITE = 2
+_sfr: Callable[..., int] | None = None
+_sfr_tried = False
+
+
+def _sync_file_range() -> Callable[..., int] | None:
+    global _sfr, _sfr_tried
+    if not _sfr_tried:
+        _sfr_tried = True
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+            fn.restype = ctypes.c_int
+            _sfr = fn
+        except (OSError, AttributeError):  # not Linux/glibc: fall back to fadvise
+            _sfr = None
+    return _sfr
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``length`` bytes of ``fd`` from
+    ``offset`` back to storage now, without waiting (``sync_file_range`` with
+    ``SYNC_FILE_RANGE_WRITE``; ``POSIX_FADV_DONTNEED`` where that is missing,
+    which starts writeback too).  Advice only: nothing becomes durable
+    through it (only :func:`fsync` promises that), so the crash model is
+    unchanged; it lets the device write while the engine still reads, and
+    leaves the final fsync little to do.  Errors are ignored."""
+    if length <= 0:
+        return
+    fn = _sync_file_range()
+    try:
+        if fn is not None:
+            fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+        elif hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+
+
+def will_need(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start reading ``length`` bytes of ``fd`` from
+    ``offset`` into the page cache (``POSIX_FADV_WILLNEED``), without
+    waiting.  Advice only; errors are ignored."""
+    if length <= 0 or not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
 
 
 @contextlib.contextmanager

@@ -395,6 +395,34 @@ class Chain:
             kernels.fill_unset(out_bitmap, out_data, n)
         return filled
 
+    def prefetch_block(self, block: int) -> None:
+        """Ask the kernel to start reading what :meth:`merge_block` of
+        ``block`` will read (advice only, for cold caches): youngest layer
+        first, the layer's bitmap and data; a layer whose bitmap covers the
+        whole block hides the older ones, which are then not read at all.
+        Reads the bitmaps (waits for them), so call it from a helper thread
+        ahead of the merge."""
+        n = self.block_sectors(block)
+        if n <= 0:
+            return
+        start = block * self.block_size
+        for ly in self.layers:
+            if ly.is_fixed:
+                if start < ly.virtual_size:
+                    _io.will_need(ly._fd, start, min(n * SECTOR, ly.virtual_size - start))
+                return
+            off = ly.block_offset(block)
+            if off is None:
+                continue
+            _io.will_need(ly._fd, off, ly.bitmap_size + ly.block_size)
+            m = min(n, ly.block_sectors(block))
+            try:
+                bm = os.pread(ly._fd, (m + 7) // 8, off)
+            except OSError:
+                return
+            if m == n and len(bm) == (m + 7) // 8 and kernels.bitmap_count(bm, m) == n:
+                return
+
     def release_block(self, block: int) -> None:
         """Drop the pages of ``block`` from this process's mappings of every
         layer (after merging it).  The files are mapped read-only, so nothing is
@@ -473,39 +501,37 @@ class Chain:
     def iter_raw(self, chunk: int | None = None) -> Iterable[memoryview]:
         """The whole virtual disk as a sequence of views of one reused buffer
         (copy each before the next is produced)."""
+        from .coalesce import PREFETCH_BLOCKS, _Prefetcher
+
         chunk = chunk or self.block_size
         chunk = max(self.block_size, chunk // self.block_size * self.block_size)
         buf = aligned_buffer(chunk)
         pos = 0
-        while pos < self.virtual_size:
-            n = self.read_into(pos, buf[: min(chunk, self.virtual_size - pos)])
-            yield buf[:n]
-            pos += n
-
-    def copy_to_raw(self, path: PathLike) -> int:
-        """Write the virtual disk as a raw file, leaving holes for zero blocks."""
-        path = os.fspath(path)
-        data = aligned_buffer(self.block_size)
-        bm = bytearray(self.bitmap_size)
-        tmp = path + ".part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _io.FILE_MODE)
+        # read ahead of the merge for cold caches (a helper thread, advice only)
+        alloc = [int(b) for b in self.allocated_blocks()]
+        ahead = _Prefetcher(self, alloc, PREFETCH_BLOCKS) if alloc else None
+        i = 0
         try:
-            _io.ftruncate(fd, self.virtual_size)
-            for blk in self.allocated_blocks():
-                blk = int(blk)
-                n = self.block_sectors(blk) * SECTOR
-                n = min(n, self.virtual_size - blk * self.block_size)
-                if self.merge_block(blk, data, bm) and not kernels.is_zero(data, 0, n):
-                    _io.pwrite_all(fd, data[:n], blk * self.block_size)
-                self.release_block(blk)
-            _io.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        _io.replace(tmp, path)
-        _io.fsync_dir(os.path.dirname(os.path.abspath(path)))
+            while pos < self.virtual_size:
+                end = pos + min(chunk, self.virtual_size - pos)
+                while ahead is not None and i < len(alloc) and alloc[i] * self.block_size < end:
+                    ahead.advance()
+                    i += 1
+                n = self.read_into(pos, buf[: end - pos])
+                yield buf[:n]
+                pos += n
+        finally:
+            if ahead is not None:
+                ahead.stop()
+
+    def copy_to_raw(self, path: PathLike, *, threads: int = 2) -> int:
+        """Write the virtual disk as a raw file (``path + ".part"``, fsynced,
+        renamed, the directory fsynced), leaving holes for zero pages: the
+        raw output of :func:`vhdcore.coalesce.write_flat`.  Returns the
+        virtual size."""
+        from .coalesce import write_flat
+
+        write_flat(self, os.fspath(path), "raw", threads=threads)
         return self.virtual_size
 
     # ---------------------------------------------------------------- writes

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import signal
 import threading
@@ -71,6 +72,7 @@ __all__ = [
     "iter_image_blocks",
     "DynamicLayout",
     "flatten",
+    "write_flat",
     "FlattenResult",
     "coalesce",
     "CoalesceResult",
@@ -150,17 +152,70 @@ def _apply_free(bitmap: memoryview, nsectors: int, free: bytes) -> None:
 
 def iter_image_blocks(chain: Chain, *, threads: int = 2, blocks: Iterable[int] | None = None,
                       free_map: FreeMap | None = None, window: int | None = None,
-                      elide_zero: bool = True) -> Iterator[ImageBlock]:
+                      elide_zero: bool = True, prefetch: int = 0) -> Iterator[ImageBlock]:
     """Merge the chain's blocks in parallel threads, in block order, and yield
     those that carry data.  With ``elide_zero`` every all-zero sector's bit is
     cleared, so a block reads back the same with fewer sectors stored; a block
     left with no set sector is not yielded.  ``free_map`` clears (and zeroes)
     sectors a filesystem marks free.  At most ``window`` blocks are in memory.
+    ``prefetch``: a helper thread asks the kernel to read this many blocks
+    ahead of the merge (:meth:`Chain.prefetch_block`; for cold caches).
     """
     todo = [int(b) for b in (chain.allocated_blocks() if blocks is None else blocks)]
     skip = getattr(free_map, "skip_blocks", None)
     if skip:
         todo = [b for b in todo if b not in skip]
+    if prefetch <= 0 or not todo:
+        yield from _iter_merged(chain, todo, threads, free_map, window, elide_zero, None)
+        return
+    ahead = _Prefetcher(chain, todo, prefetch)
+    try:
+        yield from _iter_merged(chain, todo, threads, free_map, window, elide_zero, ahead)
+    finally:
+        ahead.stop()
+
+
+class _Prefetcher:
+    """A thread that runs :meth:`Chain.prefetch_block` up to ``distance``
+    blocks ahead of the blocks the merge has started."""
+
+    def __init__(self, chain: Chain, todo: Sequence[int], distance: int) -> None:
+        self.chain = chain
+        self.todo = todo
+        self.distance = distance
+        self.started = 0
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="vhdcore-prefetch", daemon=True)
+        self.thread.start()
+
+    def advance(self) -> None:
+        with self.cond:
+            self.started += 1
+            self.cond.notify()
+
+    def _run(self) -> None:
+        for i, blk in enumerate(self.todo):
+            with self.cond:
+                while i >= self.started + self.distance and not self.stopped:
+                    self.cond.wait()
+                if self.stopped:
+                    return
+            try:
+                self.chain.prefetch_block(blk)
+            except Exception:  # advice only: a damaged block fails in the merge
+                return
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        self.thread.join()
+
+
+def _iter_merged(chain: Chain, todo: list[int], threads: int, free_map: FreeMap | None,
+                 window: int | None, elide_zero: bool,
+                 ahead: _Prefetcher | None) -> Iterator[ImageBlock]:
     threads = max(1, threads)
     # buffers for at most the blocks there are (a sparse disk with huge blocks
     # and nothing stored needs none)
@@ -175,6 +230,8 @@ def iter_image_blocks(chain: Chain, *, threads: int = 2, blocks: Iterable[int] |
     def work(blk: int) -> tuple[int, int, int, tuple[memoryview, memoryview]]:
         with lock:
             bufs = free_bufs.popleft()
+        if ahead is not None:
+            ahead.advance()
         bm, data = bufs
         n = chain.block_sectors(blk)
         filled = chain.merge_block(blk, data, bm)
@@ -352,67 +409,154 @@ def flatten(leaf: PathLike, out: PathLike, format: str = "vhd", *, threads: int 
     if format not in ("vhd", "fixed", "raw"):
         raise VhdError(f"unknown output format {format!r} (vhd, fixed or raw)")
     out = os.fspath(out)
-    tmp = out + ".part"
     with Chain.open(leaf, **(chain_options or {})) as chain:
         if os.path.exists(out) and any(os.path.samefile(out, ly.path) for ly in chain.layers):
             raise CoalesceError(f"{out}: the output would overwrite a disk of the chain")
         _refuse_existing(out, overwrite)
-        vsize = chain.virtual_size
-        total = vsize
         if fs_aware and free_map is None:
             free_map, _ = fs_free_map(chain)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, _io.FILE_MODE)
-        stored: list[int] = []
-        sectors = 0
-        written = 0
+        return write_flat(chain, out, format, threads=threads, progress=progress,
+                          free_map=free_map, durable=durable)
+
+
+#: blocks the prefetch thread reads ahead of the merge (cold caches)
+PREFETCH_BLOCKS = 16
+#: bytes written between two requests to start writeback
+WRITEBACK_CHUNK = 32 * 1024 * 1024
+_PAGE = 4096
+
+
+class _SparseWriter:
+    """Writes a merged block's data without its zero pages: only the runs of
+    set bitmap bits (after zero elision every non-zero sector has its bit
+    set), joined across gaps that do not span a whole file page.  The output
+    file is new and every byte is written at most once, so what is left out
+    reads as zero (a hole).  Asks the kernel to start writeback every
+    :data:`WRITEBACK_CHUNK` bytes, so that the final fsync has little left."""
+
+    def __init__(self, fd: int, sectors_per_block: int) -> None:
+        self.fd = fd
+        self.runs = np.zeros(2 * (sectors_per_block // 2 + 1), dtype=np.uint32)
+        self.wb_from = 0
+        self.wb_to = 0
+        # the requests go to a thread of their own: starting writeback waits
+        # for room in the device's queue, which must not stall the merge
+        self._wbq: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._wbt: threading.Thread | None = None
+
+    def _writeback(self) -> None:
+        while True:
+            item = self._wbq.get()
+            if item is None:
+                return
+            _io.start_writeback(self.fd, item[0], item[1])
+
+    def close(self) -> None:
+        """Wait for the writeback requests (before the file is fsynced or
+        closed)."""
+        if self._wbt is not None:
+            self._wbq.put(None)
+            self._wbt.join()
+            self._wbt = None
+
+    def write(self, data: memoryview, bitmap: memoryview, nsectors: int, limit: int,
+              file_off: int) -> None:
+        """Write ``data[:limit]`` (``nsectors`` sectors, bitmap ``bitmap``)
+        at ``file_off``, leaving out whole zero pages."""
+        k = kernels.find_runs(bitmap, nsectors, self.runs)  # type: ignore[arg-type]  # numpy: Buffer on 3.12+
+        if k == 0:
+            return
+        r = self.runs[: 2 * k].astype(np.int64)
+        starts = r[0::2] * SECTOR
+        ends = np.minimum((r[0::2] + r[1::2]) * SECTOR, limit)
+        if k > 1:
+            # a gap is left out only when it holds a whole page of the file
+            gap_lo = file_off + ends[:-1]
+            gap_hi = file_off + starts[1:]
+            hole = (-(-gap_lo // _PAGE) + 1) * _PAGE <= gap_hi
+            cut = np.nonzero(hole)[0]
+            starts = np.concatenate((starts[:1], starts[cut + 1]))
+            ends = np.concatenate((ends[cut], ends[-1:]))
+        fd = self.fd
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            if b > a:
+                _io.pwrite_all(fd, data[a:b], file_off + a)
+        self.wb_to = max(self.wb_to, file_off + int(ends[-1]))
+        if self.wb_to - self.wb_from >= WRITEBACK_CHUNK:
+            if self._wbt is None:
+                self._wbt = threading.Thread(target=self._writeback, daemon=True,
+                                             name="vhdcore-writeback")
+                self._wbt.start()
+            self._wbq.put((self.wb_from, self.wb_to - self.wb_from))
+            self.wb_from = self.wb_to
+
+
+def write_flat(chain: Chain, out: str, format: str = "vhd", *, threads: int = 2,
+               progress: Progress | None = None, free_map: FreeMap | None = None,
+               durable: bool = True, prefetch: int = PREFETCH_BLOCKS) -> FlattenResult:
+    """The writing half of :func:`flatten` (and of ``cat -o``) for an open
+    chain: ``out + ".part"``, fsynced (unless ``durable`` is False), renamed
+    to ``out``, the directory fsynced.  Zero pages are never written (holes);
+    a helper thread reads ``prefetch`` blocks ahead of the merge."""
+    if format not in ("vhd", "fixed", "raw"):
+        raise VhdError(f"unknown output format {format!r} (vhd, fixed or raw)")
+    tmp = out + ".part"
+    vsize = chain.virtual_size
+    total = vsize
+    bs = chain.block_size
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, _io.FILE_MODE)
+    stored: list[int] = []
+    sectors = 0
+    written = 0
+    try:
+        if format != "raw":
+            check_virtual_size(vsize)
+        layout = DynamicLayout(vsize, bs) if format == "vhd" else None
+        if layout is not None:
+            # the most blocks it can store must all be addressable
+            layout.check_capacity(int(chain.allocated_blocks().size))
+            _io.ftruncate(fd, layout.data_start)
+        else:
+            _io.ftruncate(fd, vsize)
+        sw = _SparseWriter(fd, chain.sectors_per_block)
         try:
-            if format != "raw":
-                check_virtual_size(vsize)
-            layout = DynamicLayout(vsize, chain.block_size) if format == "vhd" else None
-            if format == "vhd":
-                assert layout is not None
-                # the most blocks it can store must all be addressable
-                layout.check_capacity(int(chain.allocated_blocks().size))
-                _io.ftruncate(fd, layout.data_start)
-            else:
-                _io.ftruncate(fd, vsize)
-            done = 0
-            for blk in iter_image_blocks(chain, threads=threads, free_map=free_map):
-                if format == "vhd":
-                    assert layout is not None
+            for blk in iter_image_blocks(chain, threads=threads, free_map=free_map,
+                                         prefetch=prefetch):
+                if layout is not None:
                     off = layout.block_offset(len(stored))
                     _io.pwrite_all(fd, blk.bitmap[: layout.bitmap_size], off)
-                    _io.pwrite_all(fd, blk.data, off + layout.bitmap_size)
+                    sw.write(blk.data, blk.bitmap, blk.nsectors, blk.nsectors * SECTOR,
+                             off + layout.bitmap_size)
                     written += layout.block_stride
                 else:
-                    n = min(blk.nsectors * SECTOR, vsize - blk.index * chain.block_size)
-                    _io.pwrite_all(fd, blk.data[:n], blk.index * chain.block_size)
+                    n = min(blk.nsectors * SECTOR, vsize - blk.index * bs)
+                    sw.write(blk.data, blk.bitmap, blk.nsectors, n, blk.index * bs)
                     written += n
                 stored.append(blk.index)
                 sectors += blk.sectors_set
                 if progress is not None:
-                    done = min(total, (blk.index + 1) * chain.block_size)
-                    progress(done, total)
-            if format == "vhd":
-                assert layout is not None
-                head = layout.head(stored)
-                _io.pwrite_all(fd, head, 0)
-                _io.pwrite_all(fd, layout.tail(), layout.block_offset_unchecked(len(stored)))
-                written += len(head) + FOOTER_SIZE
-            elif format == "fixed":
-                _io.pwrite_all(fd, Footer.new(DISK_FIXED, vsize).pack(), vsize)
-                written += FOOTER_SIZE
-            if durable:
-                _io.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            _unlink_quiet(tmp)
-            raise
+                    progress(min(total, (blk.index + 1) * bs), total)
+        finally:
+            sw.close()
+        if layout is not None:
+            head = layout.head(stored)
+            _io.pwrite_all(fd, head, 0)
+            _io.pwrite_all(fd, layout.tail(), layout.block_offset_unchecked(len(stored)))
+            written += len(head) + FOOTER_SIZE
+        elif format == "fixed":
+            _io.pwrite_all(fd, Footer.new(DISK_FIXED, vsize).pack(), vsize)
+            written += FOOTER_SIZE
+        if durable:
+            _io.fsync(fd)
+    except BaseException:
         os.close(fd)
-        _io.replace(tmp, out)
-        _fsync_dir(out)
-        if progress is not None:
-            progress(total, total)
+        _unlink_quiet(tmp)
+        raise
+    os.close(fd)
+    _io.replace(tmp, out)
+    _fsync_dir(out)
+    if progress is not None:
+        progress(total, total)
     return FlattenResult(out, format, vsize, len(stored), sectors, written)
 
 
