@@ -116,6 +116,15 @@ def _repo_targets() -> None:
 
 
 _repo_targets()
+
+
+def _coalesce_peer_targets() -> None:
+    from ._coalesce_peer import PEER_TARGETS
+
+    TARGETS.update(PEER_TARGETS)
+
+
+_coalesce_peer_targets()
 #: virtual size of the sparse chain of the repository's memory check
 REPO_MEMORY_SIZE = 2040 << 30  # the VHD limit: just under 2 TiB
 
@@ -518,11 +527,16 @@ class _Bench:
         counter = {"i": 0}
 
         def setup() -> tuple[Any, ...]:
+            from ._coalesce_peer import sparse_copy
+
             counter["i"] += 1
             d = self.work / f"coalesce-{tag}-{counter['i']}"
             d.mkdir()
+            # sparse copies, written back before the timing: shutil.copyfile
+            # fills the holes with zeros, and the gigabytes of dirty pages
+            # left behind slowed each later repetition down (issue 15)
             for p in w.paths:
-                shutil.copyfile(p, d / p.name)
+                sparse_copy(p, d / p.name)
             return (d / w.leaf.name,)
 
         def run(leaf: Path) -> None:
@@ -557,6 +571,50 @@ class _Bench:
                          "twin", n_twin, t_twin, ratio=t_twin / t,
                          ratio_to="twin", note="whole operation, including the pwrite of every "
                                                "4 KiB run (the same for both)")
+        self.measure_coalesce_peer()
+
+    def measure_coalesce_peer(self) -> None:
+        """Coalesce side by side with blktap's ``vhd-util coalesce`` (when
+        ``VHDCORE_BENCH_VHD_UTIL`` names it) on the same files, cold and warm,
+        the final sync counted on both sides (see :mod:`vhdcore._coalesce_peer`).
+        Without vhd-util, vhdcore's own figures are reported."""
+        from . import _coalesce_peer as cpeer
+
+        vu = cpeer.vhd_util_path()
+        quick = self.size < DEFAULT_SIZE
+        vsize, data = (1 * GiB, 64 * MiB) if quick else (4 * GiB, 256 * MiB)
+        cold_ok = cpeer.can_drop_caches()
+        self.say(f"measuring coalesce vs vhd-util ({'vhd-util at ' + vu if vu else 'no vhd-util: '
+                 'set VHDCORE_BENCH_VHD_UTIL'}) ...")
+        base = self.work / "coalesce-peer"
+        for kind in cpeer.PEER_KINDS:
+            pristine = cpeer.make_peer_pair(base / f"pristine-{kind}", kind, size=vsize, data=data)
+            self._settle(pristine)
+            for temp in ("cold", "warm"):
+                name = f"coalesce.vs_vhd_util.{kind}.{temp}"
+                title = (f"coalesce vs vhd-util, {temp}, "
+                         f"{'random 4 KiB' if kind == 'random4k' else 'whole blocks'}")
+                if temp == "cold" and not cold_ok:
+                    self.add(name, title, "coalesce", data, 0.0, reps=0,
+                             note="not measured: dropping the page cache needs root")
+                    continue
+                out = cpeer.compare(kind, base, vu, cold=temp == "cold", pristine=pristine)
+                ours = out["vhdcore"]
+                note = (f"{vsize // GiB} GiB disk, {data // MiB} MiB in the child "
+                        f"({cpeer.PEER_KINDS[kind].split(' over')[0].split(',')[0]}); one run "
+                        f"each on fresh sparse copies, final fsync counted; vhdcore "
+                        f"{ours.seconds:.2f} s, read {ours.read_bytes / MiB:.0f} MiB, wrote "
+                        f"{ours.written_bytes / MiB:.0f} MiB")
+                peer = out.get("vhd-util")
+                if peer is not None:
+                    note += (f"; vhd-util {peer.seconds:.2f} s, read {peer.read_bytes / MiB:.0f}"
+                             f" MiB, wrote {peer.written_bytes / MiB:.0f} MiB")
+                else:
+                    note += "; set VHDCORE_BENCH_VHD_UTIL=/path/to/vhd-util for the ratio"
+                self.add(name, title, "coalesce", data, ours.seconds, reps=1,
+                         ratio=out.get("ratio"), ratio_to="vhd-util" if peer else "",
+                         note=note)
+            shutil.rmtree(base / f"pristine-{kind}", ignore_errors=True)
 
     # ------------------------------------------------------------ lz4/upload/imaging
     def measure_imaging(self, wl: dict[str, Workload]) -> None:
