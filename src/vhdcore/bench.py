@@ -584,8 +584,8 @@ class _Bench:
         quick = self.size < DEFAULT_SIZE
         vsize, data = (1 * GiB, 64 * MiB) if quick else (4 * GiB, 256 * MiB)
         cold_ok = cpeer.can_drop_caches()
-        self.say(f"measuring coalesce vs vhd-util ({'vhd-util at ' + vu if vu else 'no vhd-util: '
-                 'set VHDCORE_BENCH_VHD_UTIL'}) ...")
+        which = f"vhd-util at {vu}" if vu else "no vhd-util: set VHDCORE_BENCH_VHD_UTIL"
+        self.say(f"measuring coalesce vs vhd-util ({which}) ...")
         base = self.work / "coalesce-peer"
         for kind in cpeer.PEER_KINDS:
             pristine = cpeer.make_peer_pair(base / f"pristine-{kind}", kind, size=vsize, data=data)

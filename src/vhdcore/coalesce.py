@@ -1076,9 +1076,10 @@ class _Prefetch:
         dstart = off + v.bitmap_size
         total = 0
         a = b = -1
-        for k in range(cnt):
-            s0 = dstart + int(self.runs[2 * k]) * SECTOR
-            s1 = s0 + int(self.runs[2 * k + 1]) * SECTOR
+        flat = self.runs[: 2 * cnt].tolist()
+        for k in range(0, 2 * cnt, 2):
+            s0 = dstart + flat[k] * SECTOR
+            s1 = s0 + flat[k + 1] * SECTOR
             total += s1 - s0
             if a >= 0 and s0 - b <= self.GAP:
                 b = s1
@@ -1411,8 +1412,9 @@ def _merge_one(cvhd: VhdFile, pvhd: VhdFile, blk: int, cbm: bytearray, runs: np.
     if cnt == 0:
         return 0, skipped, 0
     w = 0
-    for k in range(cnt):
-        s, ln = int(runs[2 * k]), int(runs[2 * k + 1])
+    flat = runs[: 2 * cnt].tolist()
+    for k in range(0, 2 * cnt, 2):
+        s, ln = flat[k], flat[k + 1]
         pvhd._pwrite(cdata[s * SECTOR : (s + ln) * SECTOR], dstart + s * SECTOR)
         w += ln
     nb = (n + 7) // 8

@@ -560,8 +560,10 @@ class VhdFile:
         dstart = offset + self.bitmap_size
         mv = memoryview(data)
         w = 0
-        for k in range(count):
-            s, ln = int(runs[2 * k]), int(runs[2 * k + 1])
+        flat = [int(x) for x in runs[: 2 * count]] if not hasattr(runs, "tolist") \
+            else runs[: 2 * count].tolist()
+        for k in range(0, 2 * count, 2):
+            s, ln = flat[k], flat[k + 1]
             self._pwrite(mv[s * SECTOR : (s + ln) * SECTOR], dstart + s * SECTOR)
             w += ln
         self._pwrite(memoryview(bitmap)[: self.bitmap_size], offset)
