@@ -564,8 +564,9 @@ class _Bench:
                 t_h = self._time_coalesce(wl["scattered-holes"], merged, "holes")
                 self.add("coalesce.scattered_holes", "coalesce, 4 KiB/64 KiB, parent with holes", "coalesce", merged[-1], t_h,
                          ratio=merged[-1] / t_h / GB / self.memcpy, ratio_to="memcpy",
-                         note="40% of the child's blocks are new to the parent and written "
-                              "whole (2 MiB each, mostly zeros) for 128 KiB of data")
+                         note="40% of the child's blocks are new to the parent: placed in "
+                              "fresh space (a hole), only their 128 KiB of data and the bitmap "
+                              "written")
                 t_twin, n_twin = self.twin_coalesce
                 self.add("twin.coalesce_scattered", "vs twin: coalesce, 4 KiB every 64 KiB",
                          "twin", n_twin, t_twin, ratio=t_twin / t,
