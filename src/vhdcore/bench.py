@@ -601,9 +601,10 @@ class _Bench:
                     continue
                 out = cpeer.compare(kind, base, vu, cold=temp == "cold", pristine=pristine)
                 ours = out["vhdcore"]
-                note = (f"{vsize // GiB} GiB disk, {data // MiB} MiB in the child "
-                        f"({cpeer.PEER_KINDS[kind].split(' over')[0].split(',')[0]}); one run "
-                        f"each on fresh sparse copies, final fsync counted; vhdcore "
+                what = ("random 4 KiB writes" if kind == "random4k"
+                        else "whole 2 MiB blocks, half over parent blocks")
+                note = (f"{vsize // GiB} GiB disk, {data // MiB} MiB in the child ({what}); "
+                        f"one run each on fresh sparse copies, final fsync counted; vhdcore "
                         f"{ours.seconds:.2f} s, read {ours.read_bytes / MiB:.0f} MiB, wrote "
                         f"{ours.written_bytes / MiB:.0f} MiB")
                 peer = out.get("vhd-util")
