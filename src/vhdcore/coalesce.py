@@ -939,7 +939,6 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict[str, Any] | None, cpat
     runs = np.zeros(2 * (pvhd.sectors_per_block // 2 + 1), dtype=np.uint32)
     cbm = bytearray(cvhd.bitmap_size)
     batches = _batches(cvhd, todo, batch_blocks)
-    prefetch = _Prefetch(cvhd, todo, writeback_fd=pvhd._fd if durable else -1)
     kick = 0
     interrupted: BaseException | None = None
 
@@ -961,6 +960,7 @@ def _coalesce_open(cvhd: VhdFile, pvhd: VhdFile, ck: dict[str, Any] | None, cpat
             old_handler = signal.signal(signal.SIGINT, on_sigint)
         except ValueError:  # pragma: no cover
             old_handler = None
+    prefetch = _Prefetch(cvhd, todo, writeback_fd=pvhd._fd if durable else -1)
     try:
         place: dict[int, int] = {}
         ends = {e for _, e in batches}
