@@ -79,8 +79,6 @@ def _peer_side(benchmark, side, pristine, work, cold, vu):
 @pytest.mark.parametrize("temp", ["cold", "warm"])
 @pytest.mark.parametrize("kind", list(cpeer.PEER_KINDS))
 def test_coalesce_vs_vhd_util(benchmark, peer_pairs, tmp_path, request, kind, temp):
-    if temp == "cold" and not cpeer.can_drop_caches():
-        pytest.skip("dropping the page cache needs root")
     if temp == "cold" and _smoke(request.config):
         pytest.skip("smoke run: the page cache is not dropped")
     pristine = peer_pairs(kind)

@@ -14,8 +14,9 @@ one differencing child, written once and copied (sparsely) before each run:
   over blocks the parent has.
 
 Each side runs on its own fresh copy of the same files; its time includes the
-final ``fsync`` of the parent.  Cold: the page cache is dropped (root only,
-``/proc/sys/vm/drop_caches``) after the copy, before each side; warm: both
+final ``fsync`` of the parent.  Cold: the page cache is dropped (as root,
+``/proc/sys/vm/drop_caches``; otherwise only the two files' pages are evicted,
+``posix_fadvise(DONTNEED)``) after the copy, before each side; warm: both
 files are read into the page cache first.  The bytes each side read from and
 wrote to the storage come from its resource usage (``ru_inblock``,
 ``ru_oublock``; 512-byte units).
@@ -209,6 +210,15 @@ def _warm_code(side: str, vhd_util: str | None, work: Path) -> None:
     shutil.rmtree(tiny, ignore_errors=True)
 
 
+def _evict(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def _fsync_path(p: Path) -> None:
     fd = os.open(p, os.O_RDONLY)
     try:
@@ -231,9 +241,13 @@ def run_side(side: str, pristine: tuple[Path, Path], work: Path, *, cold: bool,
     # vhd-util would follow): point it at the copy
     relink(child, parent)
     os.sync()
-    if cold:
+    if cold and can_drop_caches():
         drop_caches()
         _warm_code(side, vhd_util, work)
+    elif cold:
+        # not root: evict the two files' pages only (written back above)
+        for p in (parent, child):
+            _evict(p)
     else:
         _warm([parent, child])
     if side == "vhdcore":
