@@ -13,6 +13,7 @@ import pytest
 
 from _benchutil import gbps
 from vhdcore.chain import Chain
+from vhdcore._coalesce_peer import sparse_copy
 from vhdcore.coalesce import coalesce, flatten
 
 
@@ -144,7 +145,7 @@ def test_coalesce(benchmark, workloads, tmp_path, kind):
         d = tmp_path / f"r{state['i']}"
         d.mkdir()
         for p in w.paths:
-            shutil.copyfile(p, d / p.name)
+            sparse_copy(p, d / p.name)  # shutil.copyfile would fill the holes
         return (d / w.leaf.name,), {}
 
     def run(leaf):

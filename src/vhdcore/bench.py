@@ -118,6 +118,15 @@ def _repo_targets() -> None:
 
 
 _repo_targets()
+
+
+def _coalesce_peer_targets() -> None:
+    from ._coalesce_peer import PEER_TARGETS
+
+    TARGETS.update(PEER_TARGETS)
+
+
+_coalesce_peer_targets()
 #: virtual size of the sparse chain of the repository's memory check
 REPO_MEMORY_SIZE = 2040 << 30  # the VHD limit: just under 2 TiB
 
@@ -577,11 +586,16 @@ class _Bench:
         counter = {"i": 0}
 
         def setup() -> tuple[Any, ...]:
+            from ._coalesce_peer import sparse_copy
+
             counter["i"] += 1
             d = self.work / f"coalesce-{tag}-{counter['i']}"
             d.mkdir()
+            # sparse copies, written back before the timing: shutil.copyfile
+            # fills the holes with zeros, and the gigabytes of dirty pages
+            # left behind slowed each later repetition down (issue 15)
             for p in w.paths:
-                shutil.copyfile(p, d / p.name)
+                sparse_copy(p, d / p.name)
             return (d / w.leaf.name,)
 
         def run(leaf: Path) -> None:
@@ -609,13 +623,60 @@ class _Bench:
                 t_h = self._time_coalesce(wl["scattered-holes"], merged, "holes")
                 self.add("coalesce.scattered_holes", "coalesce, 4 KiB/64 KiB, parent with holes", "coalesce", merged[-1], t_h,
                          ratio=merged[-1] / t_h / GB / self.memcpy, ratio_to="memcpy",
-                         note="40% of the child's blocks are new to the parent and written "
-                              "whole (2 MiB each, mostly zeros) for 128 KiB of data")
+                         note="40% of the child's blocks are new to the parent: placed in "
+                              "fresh space (a hole), only their 128 KiB of data and the bitmap "
+                              "written")
                 t_twin, n_twin = self.twin_coalesce
                 self.add("twin.coalesce_scattered", "vs twin: coalesce, 4 KiB every 64 KiB",
                          "twin", n_twin, t_twin, ratio=t_twin / t,
                          ratio_to="twin", note="whole operation, including the pwrite of every "
                                                "4 KiB run (the same for both)")
+        self.measure_coalesce_peer()
+
+    def measure_coalesce_peer(self) -> None:
+        """Coalesce side by side with blktap's ``vhd-util coalesce`` (when
+        ``VHDCORE_BENCH_VHD_UTIL`` names it) on the same files, cold and warm,
+        the final sync counted on both sides (see :mod:`vhdcore._coalesce_peer`).
+        Without vhd-util, vhdcore's own figures are reported."""
+        from . import _coalesce_peer as cpeer
+
+        vu = cpeer.vhd_util_path()
+        # 4 GiB and 256 MiB of child data at the default size; smaller runs
+        # (--quick, --size) scale down, to 1 GiB at most
+        vsize = 4 * GiB if self.size >= DEFAULT_SIZE else min(1 * GiB, 16 * self.size)
+        vsize = max(64 * MiB, vsize // BLOCK * BLOCK)
+        data = vsize // 16
+        which = f"vhd-util at {vu}" if vu else "no vhd-util: set VHDCORE_BENCH_VHD_UTIL"
+        self.say(f"measuring coalesce vs vhd-util ({which}) ...")
+        base = self.work / "coalesce-peer"
+        for kind in cpeer.PEER_KINDS:
+            pristine = cpeer.make_peer_pair(base / f"pristine-{kind}", kind, size=vsize, data=data)
+            self._settle(pristine)
+            for temp in ("cold", "warm"):
+                name = f"coalesce.vs_vhd_util.{kind}.{temp}"
+                title = (f"coalesce vs vhd-util, {temp}, "
+                         f"{'random 4 KiB' if kind == 'random4k' else 'whole blocks'}")
+                out = cpeer.compare(kind, base, vu, cold=temp == "cold", pristine=pristine)
+                ours = out["vhdcore"]
+                what = ("random 4 KiB writes" if kind == "random4k"
+                        else "whole 2 MiB blocks, half over parent blocks")
+                if temp == "cold":
+                    what += ("; page cache dropped" if cpeer.can_drop_caches()
+                             else "; the two files' pages evicted (not root)")
+                note = (f"{vsize // MiB} MiB disk, {data // MiB} MiB in the child ({what}); "
+                        f"one run each on fresh sparse copies, final fsync counted; vhdcore "
+                        f"{ours.seconds:.2f} s, read {ours.read_bytes / MiB:.0f} MiB, wrote "
+                        f"{ours.written_bytes / MiB:.0f} MiB")
+                peer = out.get("vhd-util")
+                if peer is not None:
+                    note += (f"; vhd-util {peer.seconds:.2f} s, read {peer.read_bytes / MiB:.0f}"
+                             f" MiB, wrote {peer.written_bytes / MiB:.0f} MiB")
+                else:
+                    note += "; set VHDCORE_BENCH_VHD_UTIL=/path/to/vhd-util for the ratio"
+                self.add(name, title, "coalesce", data, ours.seconds, reps=1,
+                         ratio=out.get("ratio"), ratio_to="vhd-util" if peer else "",
+                         note=note)
+            shutil.rmtree(base / f"pristine-{kind}", ignore_errors=True)
 
     # ------------------------------------------------------------ lz4/upload/imaging
     def measure_imaging(self, wl: dict[str, Workload]) -> None:

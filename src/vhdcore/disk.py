@@ -96,6 +96,10 @@ class VhdFile:
         self._mv: memoryview | None = None
         #: set when a write grew the file past the mapping (see :attr:`mv`)
         self._grown = False
+        #: an ``madvise`` advice applied to every mapping of the file (e.g.
+        #: ``mmap.MADV_RANDOM`` for a coalesce's parent: a page fault then
+        #: reads that page, not the device's whole read-ahead window)
+        self.map_advice: int | None = None
         flags = os.O_RDWR if writable else os.O_RDONLY
         try:
             if _fd is not None:
@@ -172,6 +176,8 @@ class VhdFile:
         self.file_size = st.st_size
         if self.file_size:
             self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+            if self.map_advice is not None:
+                self._mm.madvise(self.map_advice)
             self._mv = memoryview(self._mm)
         else:
             self._mv = memoryview(b"")
@@ -537,6 +543,33 @@ class VhdFile:
         else:
             self._pwrite(memoryview(data)[:n], cur + self.bitmap_size)
             self._pwrite(memoryview(bitmap)[: self.bitmap_size], cur)
+
+    def write_block_runs(self, block: int, bitmap: bytes | bytearray | memoryview,
+                         data: bytes | bytearray | memoryview, runs: Any, count: int,
+                         offset: int) -> int:
+        """Place the unallocated ``block`` at ``offset``, in fresh space that
+        :meth:`reserve` left as a hole (it reads as zeros), writing only the
+        ``count`` sector runs ``runs[2k], runs[2k+1]`` (first sector, length)
+        of ``data`` and then ``bitmap``: no zeros are written for the rest.
+        The BAT entry is recorded in memory and written by :meth:`flush`.
+        Returns the sectors written."""
+        self._require_writable()
+        if self.bat is None or self.block_offset(block) is not None:
+            raise FormatError(f"{self.path}: block {block} is not a new block of a dynamic disk")
+        check_block_offset(offset, self.path)
+        dstart = offset + self.bitmap_size
+        mv = memoryview(data)
+        w = 0
+        flat = [int(x) for x in runs[: 2 * count]] if not hasattr(runs, "tolist") \
+            else runs[: 2 * count].tolist()
+        for k in range(0, 2 * count, 2):
+            s, ln = flat[k], flat[k + 1]
+            self._pwrite(mv[s * SECTOR : (s + ln) * SECTOR], dstart + s * SECTOR)
+            w += ln
+        self._pwrite(memoryview(bitmap)[: self.bitmap_size], offset)
+        self.bat[block] = offset // SECTOR
+        self._bat_dirty.add(block)
+        return w
 
     def write_sectors(self, sector: int, data: bytes | bytearray | memoryview) -> None:
         """Write whole sectors at a virtual sector number.
