@@ -18,7 +18,8 @@ from typing import Any
 
 from .._version import __version__
 from ..chain import Chain
-from ..coalesce import DynamicLayout, FreeMap, fs_free_map
+from ..coalesce import FreeMap, fs_free_map
+from ..vhd.layout import DynamicLayout
 from ..compress import FrameCompressor, frame_bound
 from ..disk import PathLike
 from ..errors import (

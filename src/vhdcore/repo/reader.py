@@ -92,7 +92,7 @@ def iter_stream(repo: Repository, man: dict[str, Any], ids: np.ndarray, *,
     data)`` per block holding data, then ``("tail", footer, None)``.  Block
     pieces are views of reused buffers (valid until the next item)."""
     from .. import kernels
-    from ..coalesce import DynamicLayout
+    from ..vhd.layout import DynamicLayout
 
     bs, cs, vsize = man["block_size"], man["chunk_size"], man["virtual_size"]
     nblocks = -(-vsize // bs)
@@ -238,7 +238,7 @@ def export(repo_url: str | Repository | None, ref: str | ImageRef, to_url: str, 
             man, ids = _load(repo, r)
             store = open_store(to_url, **(store_options or {}))
             try:
-                from ..coalesce import DynamicLayout
+                from ..vhd.layout import DynamicLayout
 
                 layout = DynamicLayout(man["virtual_size"], man["block_size"])
                 nonzero_blocks = nonzero_rows(ids).sum() * max(1, man["chunk_size"]
