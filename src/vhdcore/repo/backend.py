@@ -98,9 +98,9 @@ class Backend(ABC):
 class DirectoryBackend(Backend):
     """Objects as files under a directory."""
 
-    def __init__(self, root: str, *, fsync: bool = True, url: str | None = None) -> None:
+    def __init__(self, root: str, *, durable: bool = True, url: str | None = None) -> None:
         self.root = os.path.abspath(root)
-        self.fsync = fsync
+        self.durable = durable
         self.url = url or f"file://{self.root}"
 
     def _path(self, key: str) -> str:
@@ -122,7 +122,7 @@ class DirectoryBackend(Backend):
             for part in (data if isinstance(data, tuple) else (data,)):
                 _io.pwrite_all(fd, part, pos)
                 pos += memoryview(part).nbytes
-            if self.fsync:
+            if self.durable:
                 _io.fsync(fd)
         finally:
             os.close(fd)
@@ -146,7 +146,7 @@ class DirectoryBackend(Backend):
                     os.unlink(tmp)
                 except FileNotFoundError:
                     pass
-            if self.fsync:
+            if self.durable:
                 _io.fsync_dir(os.path.dirname(path))
         except OSError as exc:
             raise UploadError(f"{self.url}: writing {key} failed: {exc}") from exc
@@ -157,7 +157,7 @@ class DirectoryBackend(Backend):
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             _io.atomic_write(path, _joined(data) if isinstance(data, tuple) else data,
-                             durable=self.fsync)
+                             durable=self.durable)
         except OSError as exc:
             raise UploadError(f"{self.url}: writing {key} failed: {exc}") from exc
 
@@ -518,19 +518,19 @@ class _NoConditional(Exception):
     pass
 
 
-def open_backend(url: str, *, fsync: bool = True, **options: Any) -> Backend:
+def open_backend(url: str, *, durable: bool = True, **options: Any) -> Backend:
     """The backend for a repository URL: ``file:///dir`` or a path,
     ``swift://container[/prefix]``, ``s3://bucket[/prefix]``."""
     if not url:
         raise VhdError("no repository given (use --repo URL or set VHDCORE_REPO)")
     if "://" not in url:
-        return DirectoryBackend(url, fsync=fsync)
+        return DirectoryBackend(url, durable=durable)
     p = urllib.parse.urlparse(url)
     scheme = p.scheme.lower()
     if scheme == "file":
         if p.netloc not in ("", "localhost"):
             raise StoreError(f"{url!r}: file URLs must be local (file:///dir)")
-        return DirectoryBackend(urllib.parse.unquote(p.path), fsync=fsync, url=url)
+        return DirectoryBackend(urllib.parse.unquote(p.path), durable=durable, url=url)
     first = urllib.parse.unquote(p.netloc)
     rest = urllib.parse.unquote(p.path).strip("/")
     if not first:

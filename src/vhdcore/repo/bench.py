@@ -73,7 +73,7 @@ def measure_repo(add: Callable[..., Any], work: Path, leaf: Path, reps: int,
     with Chain.open(leaf) as c:
         vsize, bs, nblocks = c.virtual_size, c.block_size, c.nblocks
         alloc = [int(b) for b in c.allocated_blocks()]
-    opts = {"fsync": False}
+    opts = {"durable": False}
 
     def run_to() -> float:
         d = work / "to"
@@ -189,7 +189,7 @@ def sample():
 th = threading.Thread(target=sample, daemon=True); th.start()
 leaf, url, out = sys.argv[1:4]
 t = time.perf_counter()
-img = R.create_image(leaf, url, "big", fs_aware=False, backend_options={"fsync": False})
+img = R.create_image(leaf, url, "big", fs_aware=False, backend_options={"durable": False})
 t1 = time.perf_counter() - t
 R.restore(url, str(img), out, format="vhd")
 t2 = time.perf_counter() - t - t1
