@@ -10,6 +10,7 @@ from typing import Any
 
 from ...errors import StoreError, StoreNotFoundError
 from ...store.retry import RetryExhausted, RetryPolicy, call_with_retry, is_transient_status
+from ...store.s3_client import new_s3_client, s3_error_code
 from .base import Backend, Data, T, _joined
 
 
@@ -19,32 +20,16 @@ class S3Backend(Backend):
     def __init__(self, bucket: str, prefix: str = "", *, retry: RetryPolicy | None = None,
                  endpoint_url: str | None = None, env: Mapping[str, str] | None = None,
                  url: str | None = None, timeout: float = 60.0) -> None:
-        try:
-            import boto3
-            from botocore.config import Config
-        except ImportError as exc:  # pragma: no cover
-            raise StoreError("s3:// repositories need boto3") from exc
         env = os.environ if env is None else env
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = url or f"s3://{bucket}/{self.prefix}"
         self.retry = retry or RetryPolicy()
-        config = Config(s3={"addressing_style": "path"},
-                        request_checksum_calculation="when_required",
-                        response_checksum_validation="when_required",
-                        retries={"max_attempts": 1, "mode": "standard"},
-                        connect_timeout=min(timeout, 20.0), read_timeout=timeout,
-                        max_pool_connections=16)
-        endpoint = endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-        self._client = boto3.session.Session(
-            region_name=env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1"
-        ).client("s3", endpoint_url=endpoint or None, config=config)
+        self._client, _ = new_s3_client(endpoint_url, env, timeout=timeout,
+                                        missing="s3:// repositories need boto3")
         self._conditional: bool | None = None
 
-    def _code(self, exc: BaseException) -> tuple[str, int | None]:
-        resp = getattr(exc, "response", None) or {}
-        return (str((resp.get("Error") or {}).get("Code", "")),
-                (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode"))
+    _code = staticmethod(s3_error_code)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         from botocore.exceptions import BotoCoreError, ClientError
