@@ -39,8 +39,8 @@ from .base import (
     GiB, MiB, Buffer, ImageEntry, Manifest, SegmentInfo, SegmentLimits, Store, check_metadata, _GENERATION_RE, md5_base64)
 from .retry import RetryPolicy
 from .s3_client import (
-    _AUTH_CODES,
-    _NOT_FOUND_CODES,
+    AUTH_CODES,
+    NOT_FOUND_CODES,
     is_transient_s3,
     multipart_etag,
     new_s3_client,
@@ -54,6 +54,7 @@ __all__ = ["S3Store", "AWS_S3_LIMITS", "multipart_etag"]
 AWS_S3_LIMITS = SegmentLimits(5 * MiB, 5 * GiB, 10_000)
 _GENERATION_INFIX = ".vhdcore-"
 _CONTENT_TYPE = "application/x-lz4"
+
 
 class S3Store(Store):
     """An image as an S3 multipart object.
@@ -130,11 +131,11 @@ class S3Store(Store):
             )
         if isinstance(exc, ClientError):
             code, status = self._error_code(exc)
-            if code in _AUTH_CODES or status in (401, 403):
+            if code in AUTH_CODES or status in (401, 403):
                 return StoreAuthError(
                     f"{where}: {what}: credentials rejected by {self.endpoint_url or 'AWS'} ({code}, HTTP {status})"
                 )
-            if code in _NOT_FOUND_CODES or status == 404:
+            if code in NOT_FOUND_CODES or status == 404:
                 return StoreNotFoundError(f"{where}: {what}: not found ({code or 'HTTP 404'})")
             msg = f"{where}: {what} failed: {code} (HTTP {status}): {exc}"
         else:

@@ -15,7 +15,7 @@ from .retry import is_transient_status
 
 __all__ = ["new_s3_client", "s3_error_code", "is_transient_s3", "multipart_etag"]
 
-_AUTH_CODES = {
+AUTH_CODES = {
     "InvalidAccessKeyId",
     "SignatureDoesNotMatch",
     "AccessDenied",
@@ -24,8 +24,8 @@ _AUTH_CODES = {
     "InvalidClientTokenId",
     "AuthorizationHeaderMalformed",
 }
-_NOT_FOUND_CODES = {"NoSuchBucket", "NoSuchKey", "NoSuchUpload", "404", "NotFound"}
-_TRANSIENT_CODES = {
+NOT_FOUND_CODES = {"NoSuchBucket", "NoSuchKey", "NoSuchUpload", "404", "NotFound"}
+TRANSIENT_CODES = {
     "SlowDown",
     "RequestTimeout",
     "InternalError",
@@ -87,7 +87,7 @@ def is_transient_s3(exc: BaseException) -> bool:
 
     if isinstance(exc, ClientError):
         code, status = s3_error_code(exc)
-        return code in _TRANSIENT_CODES or is_transient_status(status)
+        return code in TRANSIENT_CODES or is_transient_status(status)
     if isinstance(exc, (BotoConnectionError, HTTPClientError, ReadTimeoutError, ResponseStreamingError)):
         return "certificate verify" not in str(exc)
     return isinstance(exc, (ConnectionError, TimeoutError))
