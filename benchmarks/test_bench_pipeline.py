@@ -47,7 +47,7 @@ def test_image_to_directory(benchmark, workloads, tmp_path, request):
 
     def run(url):
         state["res"] = create_image(w.leaf, url, threads=2, segment_size=SEGMENT,
-                                    store_options={"fsync": False}, fs_aware=False)
+                                    store_options={"durable": False}, fs_aware=False)
 
     benchmark.pedantic(run, setup=setup, rounds=_rounds(request), iterations=1)
     res = state["res"]

@@ -15,7 +15,7 @@ from vhdcore import repo as R
 from vhdcore.disk import create_differencing
 from vhdcore.chain import Chain
 
-OPTS = {"fsync": False}
+OPTS = {"durable": False}
 
 
 def _rounds(request) -> int:

@@ -98,7 +98,7 @@ def test_upload_directory(benchmark, frames, metadata, sizes, tmp_path: Path) ->
         rounds=3,
         iterations=1,
     )
-    benchmark.extra_info.update(bytes=manifest.compressed_size, segments=len(manifest.segments), fsync=True)
+    benchmark.extra_info.update(bytes=manifest.compressed_size, segments=len(manifest.segments), durable=True)
 
 
 # -- Swift: ours next to the swift command line client ------------------------------------------

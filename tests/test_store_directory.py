@@ -47,7 +47,7 @@ def stream() -> ImageStream:
 
 
 def store_at(tmp_path: Path, name: str = "img") -> DirectoryStore:
-    store = open_store(f"file://{tmp_path}/{name}", fsync=False)
+    store = open_store(f"file://{tmp_path}/{name}", durable=False)
     assert isinstance(store, DirectoryStore)
     return store
 

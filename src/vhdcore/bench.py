@@ -733,7 +733,7 @@ class _Bench:
         up_dir = self.work / "upload"
         up_dir.mkdir(exist_ok=True)
         meta = image_metadata(sha256="0" * 64, stream_size=stream, virtual_size=w.virtual_size)
-        store = DirectoryStore(up_dir, "image", fsync=False)
+        store = DirectoryStore(up_dir, "image", durable=False)
 
         def upload() -> None:
             upload_frames(store, frames, segment_size=SEGMENT, metadata=meta, concurrency=4)
@@ -773,7 +773,7 @@ class _Bench:
 
         def run(url: str) -> None:
             res_holder.append(create_image(w.leaf, url, threads=THREADS, segment_size=SEGMENT,
-                                           store_options={"fsync": False}, fs_aware=False))
+                                           store_options={"durable": False}, fs_aware=False))
 
         def cleanup() -> None:
             shutil.rmtree(self.work / f"image-{counter['i']}", ignore_errors=True)
@@ -826,7 +826,7 @@ class _Bench:
         d.mkdir(exist_ok=True)
         # the same lz4 bytes: the compressed stream of this chain's image
         res = create_image(w.leaf, f"file://{d}/image", threads=THREADS, segment_size=SEGMENT,
-                           store_options={"fsync": False}, fs_aware=False)
+                           store_options={"durable": False}, fs_aware=False)
         stream_file = d / "stream.lz4"
         with open(stream_file, "wb") as out:
             for seg in sorted(d.glob("image.segments/**/*.lz4")):
@@ -982,7 +982,7 @@ t = time.perf_counter()
 if what == "flatten":
     flatten(leaf, dest, "vhd", durable=False, fs_aware=False, overwrite=True)
 else:
-    opts = {"store_options": {"fsync": False}} if dest.startswith("file:") else {}
+    opts = {"store_options": {"durable": False}} if dest.startswith("file:") else {}
     create_image(leaf, dest, fs_aware=False, replace=True, **opts)
 seconds = time.perf_counter() - t
 stop.set()

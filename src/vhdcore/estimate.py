@@ -26,6 +26,59 @@ RULE_OF_THUMB_SECONDS_PER_GB = 120.0
 GB = 10**9
 
 
+def _scan(chain: Chain, threads: int, fmap: FreeMap | None, sample_blocks: int,
+          every: int) -> tuple[list[int], int, list[bytes], float]:
+    """One pass over the chain: the blocks stored, the sectors set, a sample of
+    the blocks (bitmap + data of every ``every``-th) and the seconds it took."""
+    t = time.perf_counter()
+    stored: list[int] = []
+    sectors = 0
+    samples: list[bytes] = []
+    for blk in iter_image_blocks(chain, threads=threads, free_map=fmap):
+        stored.append(blk.index)
+        sectors += blk.sectors_set
+        if blk.index % every == 0 and len(samples) < sample_blocks:
+            samples.append(bytes(blk.bitmap) + bytes(blk.data))
+    return stored, sectors, samples, time.perf_counter() - t
+
+
+def _sample_compression(samples: list[bytes]) -> tuple[float, float]:
+    """Compression ratio and single-thread lz4 speed (bytes/s) of the sample."""
+    raw = comp = 0
+    t = time.perf_counter()
+    for s in samples:
+        raw += len(s)
+        comp += len(compress_frame(s))
+    lz4_seconds = time.perf_counter() - t
+    ratio = raw / comp if comp else 1.0
+    lz4_rate = raw / lz4_seconds if lz4_seconds > 0 else 0.0
+    return ratio, lz4_rate
+
+
+def _without_fs_aware(chain: Chain, threads: int, layout: DynamicLayout, sample_blocks: int,
+                      every: int) -> dict[str, Any]:
+    """The figures of an image made without filesystem awareness."""
+    s0, sec0, smp0, _ = _scan(chain, threads, None, sample_blocks, every)
+    return {"blocks_stored": len(s0), "data_bytes": sec0 * 512,
+            "stream_bytes": layout.stream_size(len(s0)),
+            "expected_compressed_bytes": _compressed_guess(layout.stream_size(len(s0)), smp0)}
+
+
+def _predict(stream: int, scan_seconds: float, ratio: float, lz4_rate: float, threads: int,
+             upload_rate: float | None) -> float:
+    """Seconds of a job: the scan, then the stream through lz4 on ``threads``
+    (capped by the upload rate, in uncompressed bytes)."""
+    pipeline_rate = lz4_rate * max(1, threads)
+    if upload_rate:
+        pipeline_rate = min(pipeline_rate, upload_rate * ratio)
+    return scan_seconds + (stream / pipeline_rate if pipeline_rate else 0.0)
+
+
+def _layers(chain: Chain) -> list[dict[str, Any]]:
+    return [{"path": ly.path, "type": ly.footer.type_name, "file_size": ly.file_size,
+             "allocated_bytes": ly.allocated_bytes()} for ly in chain.layers]
+
+
 def estimate(leaf: PathLike, *, threads: int = 2, sample_blocks: int = 48,
              upload_rate: float | None = None, fs_aware: bool = True,
              free_map: FreeMap | None = None,
@@ -43,54 +96,24 @@ def estimate(leaf: PathLike, *, threads: int = 2, sample_blocks: int = 48,
     (``without_fs_aware``).
     """
     with Chain.open(leaf, **(chain_options or {})) as chain:
-        layers: list[dict[str, Any]] = []
-        for ly in chain.layers:
-            layers.append({"path": ly.path, "type": ly.footer.type_name,
-                           "file_size": ly.file_size, "allocated_bytes": ly.allocated_bytes()})
+        layers = _layers(chain)
         vhd_bytes = sum(ly["file_size"] for ly in layers)
         fs_info = None
         if fs_aware and free_map is None:
             free_map, fs_info = fs_free_map(chain)
         candidates = chain.allocated_blocks()
         layout = DynamicLayout(chain.virtual_size, chain.block_size)
-        nsample_every = max(1, len(candidates) // max(1, sample_blocks))
-
-        def scan(fmap: FreeMap | None) -> tuple[list[int], int, list[bytes], float]:
-            t = time.perf_counter()
-            stored: list[int] = []
-            sectors = 0
-            samples: list[bytes] = []
-            for blk in iter_image_blocks(chain, threads=threads, free_map=fmap):
-                stored.append(blk.index)
-                sectors += blk.sectors_set
-                if blk.index % nsample_every == 0 and len(samples) < sample_blocks:
-                    samples.append(bytes(blk.bitmap) + bytes(blk.data))
-            return stored, sectors, samples, time.perf_counter() - t
-
-        without: dict[str, Any] | None = None
+        every = max(1, len(candidates) // max(1, sample_blocks))
+        without = None
         if free_map is not None:
-            s0, sec0, smp0, _ = scan(None)
-            without = {"blocks_stored": len(s0), "data_bytes": sec0 * 512,
-                       "stream_bytes": layout.stream_size(len(s0)),
-                       "expected_compressed_bytes": _compressed_guess(
-                           layout.stream_size(len(s0)), smp0)}
-        stored, sectors, samples, scan_seconds = scan(free_map)
+            without = _without_fs_aware(chain, threads, layout, sample_blocks, every)
+        stored, sectors, samples, scan_seconds = _scan(chain, threads, free_map, sample_blocks,
+                                                       every)
         stream = layout.stream_size(len(stored))
-        # sample compression: ratio and single-thread speed
-        raw = comp = 0
-        t = time.perf_counter()
-        for s in samples:
-            raw += len(s)
-            comp += len(compress_frame(s))
-        lz4_seconds = time.perf_counter() - t
-        ratio = raw / comp if comp else 1.0
-        lz4_rate = raw / lz4_seconds if lz4_seconds > 0 else 0.0
+        ratio, lz4_rate = _sample_compression(samples)
         expected_compressed = int(stream / ratio) if stored else len(compress_frame(bytes(1024)))
         scan_rate = chain.virtual_size / scan_seconds if scan_seconds > 0 else 0.0
-        pipeline_rate = lz4_rate * max(1, threads)
-        if upload_rate:
-            pipeline_rate = min(pipeline_rate, upload_rate * ratio)
-        predicted = scan_seconds + (stream / pipeline_rate if pipeline_rate else 0.0)
+        predicted = _predict(stream, scan_seconds, ratio, lz4_rate, threads, upload_rate)
         out: dict[str, Any] = {
             "leaf": os.fspath(leaf),
             "layers": layers,

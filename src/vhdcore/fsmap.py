@@ -252,6 +252,47 @@ def _check_layout(entries: list[PartEntry], size: int) -> dict[int, str]:
     return bad
 
 
+def _map_partition(disk: DiskReader, e: PartEntry, bad: str | None, journal_overlay: bool,
+                   info: PartitionInfo, warnings: list[str]
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The free byte ranges of one partition on the disk (None: kept whole),
+    filling in ``info``."""
+    if e.length <= 0:
+        info.reason = "empty partition"
+        return None
+    if bad is not None:
+        info.reason = bad
+        warnings.append(f"partition {e.index}: {bad}; kept whole")
+        return None
+    part = PartReader(disk, e.start, e.length)
+    res = _probe_and_analyze(part, journal_overlay, info)
+    info.fs, info.uuid, info.state, info.reason = res.fs, res.uuid, res.state, res.reason
+    info.warnings.extend(res.warnings)
+    info.fs_free_bytes = res.fs_free_bytes
+    if res.state == "kept-whole":
+        if res.fs is not None:
+            warnings.append(f"partition {e.index} ({res.fs}) kept whole: {res.reason}")
+        return None
+    fr = R.align_inward(R.clip(R.shift(res.free, e.start), e.start, e.start + e.length), SECTOR)
+    info._free = fr
+    return fr
+
+
+def _keep_tables(free: tuple[np.ndarray, np.ndarray], table_keep: list[tuple[int, int]],
+                 infos: list[PartitionInfo], warnings: list[str]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Never free: sector 0, the partition tables and EBRs, whatever a table says."""
+    keep = [(0, SECTOR)] + list(table_keep)
+    ks = np.array([k[0] for k in keep], dtype=np.int64)
+    ke = np.array([k[1] for k in keep], dtype=np.int64)
+    if R.overlaps_any(free, (ks, ke)):
+        warnings.append("a filesystem's free space overlapped partition-table sectors; those were kept")
+        free = R.difference(free, (ks, ke))
+        for info in infos:
+            info._free = R.difference(info._free, (ks, ke))
+    return free
+
+
 def map_disk(
     read: Callable[[int, int], bytes], size: int, *, journal_overlay: bool = True
 ) -> DiskMap:
@@ -278,35 +319,11 @@ def map_disk(
     for i, e in enumerate(table.entries):
         info = PartitionInfo(e.index, e.start, e.length, e.table, e.type_hint)
         infos.append(info)
-        if e.length <= 0:
-            info.reason = "empty partition"
-            continue
-        if i in bad:
-            info.reason = bad[i]
-            warnings.append(f"partition {e.index}: {bad[i]}; kept whole")
-            continue
-        part = PartReader(disk, e.start, e.length)
-        res = _probe_and_analyze(part, journal_overlay, info)
-        info.fs, info.uuid, info.state, info.reason = res.fs, res.uuid, res.state, res.reason
-        info.warnings.extend(res.warnings)
-        info.fs_free_bytes = res.fs_free_bytes
-        if res.state == "kept-whole":
-            if res.fs is not None:
-                warnings.append(f"partition {e.index} ({res.fs}) kept whole: {res.reason}")
-            continue
-        fr = R.align_inward(R.clip(R.shift(res.free, e.start), e.start, e.start + e.length), SECTOR)
-        info._free = fr
-        free_parts.append(fr)
+        fr = _map_partition(disk, e, bad.get(i), journal_overlay, info, warnings)
+        if fr is not None:
+            free_parts.append(fr)
     free = R.union(*free_parts) if free_parts else R.empty()
-    # never free: sector 0, the partition tables and EBRs, whatever a table says
-    keep = [(0, SECTOR)] + list(table.keep)
-    ks = np.array([k[0] for k in keep], dtype=np.int64)
-    ke = np.array([k[1] for k in keep], dtype=np.int64)
-    if R.overlaps_any(free, (ks, ke)):
-        warnings.append("a filesystem's free space overlapped partition-table sectors; those were kept")
-        free = R.difference(free, (ks, ke))
-        for info in infos:
-            info._free = R.difference(info._free, (ks, ke))
+    free = _keep_tables(free, table.keep, infos, warnings)
     free = R.clip(free, 0, disk.size)
     for info in infos:
         info.free_bytes = R.total(info._free)

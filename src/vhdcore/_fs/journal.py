@@ -72,20 +72,40 @@ def _be32(b: bytes, off: int) -> int:
     return v
 
 
-def replay(
-    read_jblock: Callable[[int], bytes],
-    mapped_blocks: int,
-    block_size: int,
-    fs_blocks: int,
-) -> tuple[Overlay, list[str]]:
-    """Build the overlay of the committed, not yet replayed transactions.
+_Tag = tuple[int, int, bool, int]  # (journal block, filesystem block, escaped, checksum)
+_Txn = tuple[int, list[_Tag], list[int]]  # (sequence, tags, revoked blocks)
 
-    ``read_jblock(n)`` returns journal block ``n`` (logical, 0 = journal
-    superblock); ``mapped_blocks`` is how many logical blocks the journal
-    inode maps; ``fs_blocks`` bounds the block numbers that tags may name.
-    """
-    notes: list[str] = []
-    sb = read_jblock(0)
+
+@dataclass
+class _Log:
+    """What the journal superblock says about the log, validated."""
+
+    block_size: int
+    sequence: int
+    start: int
+    first: int
+    last: int  # end of the log (before the fast-commit area)
+    maxlen: int
+    csum_v2: bool
+    csum_v3: bool
+    is64: bool
+    jseed: int
+
+    @property
+    def has_csum(self) -> bool:
+        return self.csum_v2 or self.csum_v3
+
+    @property
+    def tag_bytes(self) -> int:
+        return 16 if self.csum_v3 else (12 if self.is64 else 8) + (2 if self.csum_v2 else 0)
+
+    @property
+    def tail(self) -> int:
+        return 4 if self.has_csum else 0
+
+
+def _read_log(sb: bytes, mapped_blocks: int, block_size: int) -> _Log:
+    """The journal superblock: magic, geometry, features and its checksum."""
     magic, btype, _ = struct.unpack_from(">III", sb, 0)
     if magic != JBD2_MAGIC or btype not in (SB_V1, SB_V2):
         raise FsUnsafe("journal superblock has no jbd2 magic")
@@ -102,119 +122,125 @@ def replay(
         _compat, incompat, _ro = struct.unpack_from(">III", sb, 0x24)
     if incompat & ~INCOMPAT_KNOWN:
         raise FsUnsafe(f"journal has unknown incompatible features 0x{incompat & ~INCOMPAT_KNOWN:x}")
-    csum_v2 = bool(incompat & INCOMPAT_CSUM_V2)
-    csum_v3 = bool(incompat & INCOMPAT_CSUM_V3)
-    has_csum = csum_v2 or csum_v3
-    is64 = bool(incompat & INCOMPAT_64BIT)
-    jseed = 0
-    if has_csum:
+    log = _Log(block_size, sequence, start, first, maxlen, maxlen,
+               bool(incompat & INCOMPAT_CSUM_V2), bool(incompat & INCOMPAT_CSUM_V3),
+               bool(incompat & INCOMPAT_64BIT), 0)
+    if log.has_csum:
         if sb[0x50] != 4:
             raise FsUnsafe(f"journal checksum type {sb[0x50]} is not crc32c")
         want = _be32(sb, 0xFC)
         got = crc32c_raw(0xFFFFFFFF, sb[:0xFC] + b"\0\0\0\0" + sb[0x100:1024])
         if want != got:
             raise FsUnsafe("journal superblock checksum mismatch")
-        jseed = crc32c_raw(0xFFFFFFFF, sb[0x30:0x40])
-    last = maxlen
+        log.jseed = crc32c_raw(0xFFFFFFFF, sb[0x30:0x40])
     if incompat & INCOMPAT_FAST_COMMIT:
         nfc = _be32(sb, 0x54) or DEFAULT_FC_BLOCKS
-        last = maxlen - nfc
-        if last <= first:
+        log.last = maxlen - nfc
+        if log.last <= first:
             raise FsUnsafe("journal fast-commit area leaves no room for the log")
-    overlay = Overlay(read_jblock)
-    if start == 0:
-        notes.append("journal is empty (nothing to replay)")
-        return overlay, notes
-    if not first <= start < last:
-        raise FsUnsafe(f"journal start block {start} lies outside the log ({first}..{last - 1})")
-    if last < maxlen and any(read_jblock(last)):
-        raise FsUnsafe("journal fast-commit area is not empty (fast commits are not replayed here)")
+    return log
 
-    if csum_v3:
-        tag_bytes = 16
-    else:
-        tag_bytes = (12 if is64 else 8) + (2 if csum_v2 else 0)
-    tail = 4 if has_csum else 0
-    span = last - first
 
-    def nxt(p: int) -> int:
-        p += 1
-        return first if p >= last else p
+class _Scan:
+    """Pass 1 of recovery: walk the log from its start, collecting the
+    committed transactions (their tags and revoked blocks)."""
 
-    def tail_ok(blk: bytes) -> bool:
-        return crc32c_raw(jseed, blk[: block_size - 4] + b"\0\0\0\0") == _be32(blk, block_size - 4)
+    def __init__(self, read_jblock: Callable[[int], bytes], log: _Log, fs_blocks: int) -> None:
+        self.read_jblock = read_jblock
+        self.log = log
+        self.fs_blocks = fs_blocks
+        self.txns: list[_Txn] = []
+        self.tags: list[_Tag] = []
+        self.revokes: list[int] = []
+        self.pos, self.expect, self.steps = log.start, log.sequence, 0
 
-    # pass 1: scan, collecting committed transactions
-    txns: list[tuple[int, list[tuple[int, int, bool, int]], list[int]]] = []
-    cur_tags: list[tuple[int, int, bool, int]] = []
-    cur_revokes: list[int] = []
-    pos, expect, steps = start, sequence, 0
-    while True:
-        if steps > span:
+    def _next(self) -> None:
+        self.pos += 1
+        if self.pos >= self.log.last:
+            self.pos = self.log.first
+
+    def _step(self) -> None:
+        self.steps += 1
+        if self.steps > self.log.last - self.log.first:
             raise FsUnsafe("journal walk does not end (the log loops)")
-        blk = read_jblock(pos)
-        magic, btype, bseq = struct.unpack_from(">III", blk, 0)
-        if magic != JBD2_MAGIC or bseq != expect:
-            break
-        steps += 1
-        if btype == DESCRIPTOR:
-            if has_csum and not tail_ok(blk):
-                raise FsUnsafe(f"journal descriptor block {pos} checksum mismatch")
-            off = 12
-            limit = block_size - tail
-            while off + tag_bytes <= limit:
-                if csum_v3:
-                    lo, flags, hi, tcsum = struct.unpack_from(">IIII", blk, off)
-                else:
-                    lo, tcsum, flags = struct.unpack_from(">IHH", blk, off)
-                    hi = _be32(blk, off + 8) if is64 else 0
-                fsblock = lo | ((hi << 32) if is64 else 0)
-                off += tag_bytes
-                if not flags & FLAG_SAME_UUID:
-                    off += 16
-                pos = nxt(pos)
-                steps += 1
-                if steps > span:
-                    raise FsUnsafe("journal walk does not end (the log loops)")
-                if fsblock >= fs_blocks:
-                    raise FsUnsafe(
-                        f"journal tag names block {fsblock} past the filesystem ({fs_blocks} blocks)"
-                    )
-                cur_tags.append((pos, fsblock, bool(flags & FLAG_ESCAPE), tcsum))
-                if flags & FLAG_LAST_TAG:
-                    break
-            pos = nxt(pos)
-        elif btype == COMMIT:
-            if has_csum:
-                want = _be32(blk, 16)
-                got = crc32c_raw(jseed, blk[:16] + b"\0\0\0\0" + blk[20:block_size])
-                if want != got:
-                    raise FsUnsafe(f"journal commit block {pos} (transaction {expect}) checksum mismatch")
-            txns.append((expect, cur_tags, cur_revokes))
-            cur_tags, cur_revokes = [], []
-            expect = (expect + 1) & 0xFFFFFFFF
-            pos = nxt(pos)
-        elif btype == REVOKE:
-            if has_csum and not tail_ok(blk):
-                raise FsUnsafe(f"journal revoke block {pos} checksum mismatch")
-            rcount = _be32(blk, 12)
-            rsize = 8 if is64 else 4
-            if rcount < 16 or rcount > block_size - tail:
-                raise FsUnsafe(f"journal revoke block {pos} has an invalid size {rcount}")
-            n = (rcount - 16) // rsize
-            fmt = f">{n}{'Q' if is64 else 'I'}"
-            cur_revokes.extend(struct.unpack_from(fmt, blk, 16))
-            pos = nxt(pos)
-        else:
-            raise FsUnsafe(f"journal block {pos} has unexpected type {btype}")
-    if cur_tags or cur_revokes:
-        notes.append(f"journal: uncommitted transaction {expect} ignored, as recovery does")
 
-    # data block checksums of the committed transactions
-    if has_csum:
-        _check_data_csums(read_jblock, txns, jseed, csum_v3, block_size)
+    def _tail_ok(self, blk: bytes) -> bool:
+        bs = self.log.block_size
+        return crc32c_raw(self.log.jseed, blk[: bs - 4] + b"\0\0\0\0") == _be32(blk, bs - 4)
 
-    # pass 2 and 3: revoke, then replay (newest copy wins)
+    def run(self) -> list[_Txn]:
+        while True:
+            if self.steps > self.log.last - self.log.first:
+                raise FsUnsafe("journal walk does not end (the log loops)")
+            blk = self.read_jblock(self.pos)
+            magic, btype, bseq = struct.unpack_from(">III", blk, 0)
+            if magic != JBD2_MAGIC or bseq != self.expect:
+                return self.txns
+            self.steps += 1
+            if btype == DESCRIPTOR:
+                self._descriptor(blk)
+            elif btype == COMMIT:
+                self._commit(blk)
+            elif btype == REVOKE:
+                self._revoke(blk)
+            else:
+                raise FsUnsafe(f"journal block {self.pos} has unexpected type {btype}")
+
+    def _descriptor(self, blk: bytes) -> None:
+        log = self.log
+        if log.has_csum and not self._tail_ok(blk):
+            raise FsUnsafe(f"journal descriptor block {self.pos} checksum mismatch")
+        off = 12
+        limit = log.block_size - log.tail
+        while off + log.tag_bytes <= limit:
+            if log.csum_v3:
+                lo, flags, hi, tcsum = struct.unpack_from(">IIII", blk, off)
+            else:
+                lo, tcsum, flags = struct.unpack_from(">IHH", blk, off)
+                hi = _be32(blk, off + 8) if log.is64 else 0
+            fsblock = lo | ((hi << 32) if log.is64 else 0)
+            off += log.tag_bytes
+            if not flags & FLAG_SAME_UUID:
+                off += 16
+            self._next()
+            self._step()
+            if fsblock >= self.fs_blocks:
+                raise FsUnsafe(
+                    f"journal tag names block {fsblock} past the filesystem ({self.fs_blocks} blocks)"
+                )
+            self.tags.append((self.pos, fsblock, bool(flags & FLAG_ESCAPE), tcsum))
+            if flags & FLAG_LAST_TAG:
+                break
+        self._next()
+
+    def _commit(self, blk: bytes) -> None:
+        if self.log.has_csum:
+            want = _be32(blk, 16)
+            got = crc32c_raw(self.log.jseed, blk[:16] + b"\0\0\0\0" + blk[20:self.log.block_size])
+            if want != got:
+                raise FsUnsafe(
+                    f"journal commit block {self.pos} (transaction {self.expect}) checksum mismatch")
+        self.txns.append((self.expect, self.tags, self.revokes))
+        self.tags, self.revokes = [], []
+        self.expect = (self.expect + 1) & 0xFFFFFFFF
+        self._next()
+
+    def _revoke(self, blk: bytes) -> None:
+        log = self.log
+        if log.has_csum and not self._tail_ok(blk):
+            raise FsUnsafe(f"journal revoke block {self.pos} checksum mismatch")
+        rcount = _be32(blk, 12)
+        rsize = 8 if log.is64 else 4
+        if rcount < 16 or rcount > log.block_size - log.tail:
+            raise FsUnsafe(f"journal revoke block {self.pos} has an invalid size {rcount}")
+        n = (rcount - 16) // rsize
+        fmt = f">{n}{'Q' if log.is64 else 'I'}"
+        self.revokes.extend(struct.unpack_from(fmt, blk, 16))
+        self._next()
+
+
+def _apply(overlay: Overlay, txns: list[_Txn]) -> None:
+    """Passes 2 and 3: revoke, then replay (the newest copy wins)."""
     revoked: dict[int, int] = {}
     for i, (_seq, _tags, revs) in enumerate(txns):
         for b in revs:
@@ -226,15 +252,47 @@ def replay(
                 continue
             entries[fsblock] = (jpos, escape)
     overlay.transactions = len(txns)
+
+
+def replay(
+    read_jblock: Callable[[int], bytes],
+    mapped_blocks: int,
+    block_size: int,
+    fs_blocks: int,
+) -> tuple[Overlay, list[str]]:
+    """Build the overlay of the committed, not yet replayed transactions.
+
+    ``read_jblock(n)`` returns journal block ``n`` (logical, 0 = journal
+    superblock); ``mapped_blocks`` is how many logical blocks the journal
+    inode maps; ``fs_blocks`` bounds the block numbers that tags may name.
+    """
+    notes: list[str] = []
+    log = _read_log(read_jblock(0), mapped_blocks, block_size)
+    overlay = Overlay(read_jblock)
+    if log.start == 0:
+        notes.append("journal is empty (nothing to replay)")
+        return overlay, notes
+    if not log.first <= log.start < log.last:
+        raise FsUnsafe(f"journal start block {log.start} lies outside the log "
+                       f"({log.first}..{log.last - 1})")
+    if log.last < log.maxlen and any(read_jblock(log.last)):
+        raise FsUnsafe("journal fast-commit area is not empty (fast commits are not replayed here)")
+    scan = _Scan(read_jblock, log, fs_blocks)
+    txns = scan.run()
+    if scan.tags or scan.revokes:
+        notes.append(f"journal: uncommitted transaction {scan.expect} ignored, as recovery does")
+    if log.has_csum:  # data block checksums of the committed transactions
+        _check_data_csums(read_jblock, txns, log.jseed, log.csum_v3, block_size)
+    _apply(overlay, txns)
     notes.append(
-        f"journal: {len(txns)} committed transaction(s), {len(entries)} block(s) applied virtually"
+        f"journal: {len(txns)} committed transaction(s), {len(overlay.entries)} block(s) applied virtually"
     )
     return overlay, notes
 
 
 def _check_data_csums(
     read_jblock: Callable[[int], bytes],
-    txns: list[tuple[int, list[tuple[int, int, bool, int]], list[int]]],
+    txns: list[_Txn],
     jseed: int,
     v3: bool,
     bs: int,

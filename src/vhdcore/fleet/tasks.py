@@ -179,41 +179,99 @@ def _update(r: Any, key: str, **fields: Any) -> None:
         log.error("could not update %s: %s", key, exc)
 
 
-def _run_locked(task: Any, settings: FleetSettings, state_dir: str | None, r: Any, job: str,
-                key: str, rec: dict[str, str], spec: JobSpec, lease: Lease) -> Any:
-    keys = settings.keys
+class _Stop:
+    """Why a running job must stop (cancelled, or its lease lost), raised as
+    ``KeyboardInterrupt`` into the job at its next safe point, once."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.raised = False
+        self.lock = threading.Lock()
+
+    def request(self, reason: str) -> None:
+        with self.lock:
+            if self.reason is None:
+                self.reason = reason
+
+    def check(self) -> None:
+        with self.lock:
+            if self.reason is not None and not self.raised:
+                self.raised = True
+                raise KeyboardInterrupt(self.reason)
+
+
+def _start_run(task: Any, settings: FleetSettings, r: Any, job: str, key: str,
+               spec: JobSpec, lease: Lease) -> tuple[int, str]:
+    """Count the attempt and record the run; its number and the worker's name."""
     attempt = int(retrying(lambda: r.hincrby(key, "attempts", 1), seconds=60))
-    max_attempts = int(rec.get("max_attempts") or settings.max_attempts)
     node = str(getattr(task.request, "hostname", "") or "")
     started = time.time()
     _update(r, key, state=RUNNING, requeued="0", worker=node, started=repr(started), error="",
             lock=lease.token)
     try:
-        r.rpush(keys.runs(job), json.dumps({"attempt": attempt, "worker": node,
-                                            "pid": os.getpid(), "start": started,
-                                            "token": lease.token}))
+        r.rpush(settings.keys.runs(job), json.dumps({"attempt": attempt, "worker": node,
+                                                     "pid": os.getpid(), "start": started,
+                                                     "token": lease.token}))
         _record_chain(r, key, spec)
     except Exception:
         pass
-    stop: dict[str, Any] = {"reason": None, "raised": False}
-    lock = threading.Lock()
+    return attempt, node
 
-    def request_stop(reason: str) -> None:
-        with lock:
-            if stop["reason"] is None:
-                stop["reason"] = reason
 
-    def check_stop() -> None:
-        with lock:
-            if stop["reason"] is not None and not stop["raised"]:
-                stop["raised"] = True
-                raise KeyboardInterrupt(stop["reason"])
+def _stopped(task: Any, settings: FleetSettings, r: Any, job: str, key: str, spec: JobSpec,
+             attempt: int, max_attempts: int, reason: str | None, exc: BaseException) -> str:
+    """The outcome of a run that stopped (cancelled, lease lost, timed out,
+    interrupted or failed in the store or the OS); raises the task's retry
+    when the job is to run again."""
+    msg = str(exc) or type(exc).__name__
+    if reason == "cancelled":
+        _update(r, key, state=CANCELLED, requeued="0",
+                error="cancelled; submit it again to resume")
+        return CANCELLED
+    if reason is not None:
+        # our lease is gone (the broker was away too long, or another run
+        # took the job): look again later, when the job is done, held by
+        # that other run, or free to resume
+        log.error("job %s: stopped, %s; looking again in %.0f s", job, reason,
+                  settings.lease)
+        _end_run(r, settings.keys.runs(job), attempt, "lost")
+        raise task.retry(queue=queue_name(spec.host), countdown=settings.lease,
+                         max_retries=None) from None
+    timed_out = isinstance(exc, VhdTimeoutError)
+    why = msg if timed_out else f"{type(exc).__name__}: {msg}"
+    if attempt < max_attempts:
+        _update(r, key, state=STOPPED, requeued="1",
+                error=f"attempt {attempt} of {max_attempts}: {why}; re-queued")
+        _end_run(r, settings.keys.runs(job), attempt, "requeued")
+        raise task.retry(queue=queue_name(spec.host), countdown=settings.retry_delay,
+                         max_retries=None) from None
+    outcome = STOPPED if timed_out else FAILED
+    _update(r, key, state=outcome, requeued="0",
+            error=f"{why} (after {attempt} attempts; submit it again to resume)")
+    return outcome
 
+
+def _finished(r: Any, key: str, job: str, lease: Lease, result: dict[str, Any]) -> None:
+    if lease.lost:
+        log.warning("job %s finished after its lease was lost (%s)", job, lease.lost)
+    secs = float(result.get("seconds") or 0)
+    size = int(result.get("stream_size") or 0)
+    _update(r, key, state=DONE, stage="done", percent=100, error="", eta=0,
+            rate=round(size / secs, 1) if secs > 0 and size else "",
+            bytes_done=size or "", bytes_total=size or "",
+            result=json.dumps(result, default=str), finished=repr(time.time()))
+
+
+def _run_locked(task: Any, settings: FleetSettings, state_dir: str | None, r: Any, job: str,
+                key: str, rec: dict[str, str], spec: JobSpec, lease: Lease) -> Any:
+    max_attempts = int(rec.get("max_attempts") or settings.max_attempts)
+    attempt, _node = _start_run(task, settings, r, job, key, spec, lease)
+    stop = _Stop()
     tag = (getattr(task.request, "properties", None) or {}).get("delivery_tag")
 
     def on_tick() -> None:
         if r.hget(key, "cancel") == "1":
-            request_stop("cancelled")
+            stop.request("cancelled")
         if tag:
             # keep our unacknowledged message from being handed out again while
             # we run: the transport redelivers what it has not seen for
@@ -223,47 +281,21 @@ def _run_locked(task: Any, settings: FleetSettings, state_dir: str | None, r: An
     def progress(ev: Any) -> None:
         _publish(r, settings, job, spec.host, attempt, ev)
         if ev.stage not in ("failed", "done"):
-            check_stop()
+            stop.check()
 
     redis_errors = (require_extra("redis").ConnectionError, require_extra("redis").TimeoutError)
     budget = UploadBudget(settings, client=r)
     # tick often enough for both the lease and the transport's visibility timeout
-    lease.keep(lambda why: request_stop("lease: " + why), also=on_tick,
+    lease.keep(lambda why: stop.request("lease: " + why), also=on_tick,
                every=min(settings.lease, settings.visibility_timeout()) / 3)
     outcome: str
     try:
         result = run_imaging(spec, progress=progress,
-                             upload_gate=lambda n: budget.take(n, check=check_stop),
+                             upload_gate=lambda n: budget.take(n, check=stop.check),
                              state_dir=state_dir)
     except (VhdTimeoutError, KeyboardInterrupt, StoreError, OSError) as exc:
-        reason = stop["reason"]
-        msg = str(exc) or type(exc).__name__
-        if reason == "cancelled":
-            outcome = CANCELLED
-            _update(r, key, state=CANCELLED, requeued="0",
-                    error="cancelled; submit it again to resume")
-        elif reason is not None:
-            # our lease is gone (the broker was away too long, or another run
-            # took the job): look again later, when the job is done, held by
-            # that other run, or free to resume
-            log.error("job %s: stopped, %s; looking again in %.0f s", job, reason,
-                      settings.lease)
-            _end_run(r, keys.runs(job), attempt, "lost")
-            raise task.retry(queue=queue_name(spec.host), countdown=settings.lease,
-                             max_retries=None) from None
-        else:
-            timed_out = isinstance(exc, VhdTimeoutError)
-            why = msg if timed_out else f"{type(exc).__name__}: {msg}"
-            if attempt < max_attempts:
-                outcome = "requeued"
-                _update(r, key, state=STOPPED, requeued="1",
-                        error=f"attempt {attempt} of {max_attempts}: {why}; re-queued")
-                _end_run(r, keys.runs(job), attempt, outcome)
-                raise task.retry(queue=queue_name(spec.host), countdown=settings.retry_delay,
-                                 max_retries=None) from None
-            outcome = STOPPED if timed_out else FAILED
-            _update(r, key, state=outcome, requeued="0",
-                    error=f"{why} (after {attempt} attempts; submit it again to resume)")
+        outcome = _stopped(task, settings, r, job, key, spec, attempt, max_attempts,
+                           stop.reason, exc)
     except redis_errors as exc:
         # the broker went away for longer than we wait: the record cannot be
         # trusted to say what happened, so run the job again later (it resumes)
@@ -280,15 +312,8 @@ def _run_locked(task: Any, settings: FleetSettings, state_dir: str | None, r: An
         _update(r, key, state=FAILED, requeued="0", error=f"{type(exc).__name__}: {exc}")
     else:
         outcome = DONE
-        if lease.lost:
-            log.warning("job %s finished after its lease was lost (%s)", job, lease.lost)
-        secs = float(result.get("seconds") or 0)
-        size = int(result.get("stream_size") or 0)
-        _update(r, key, state=DONE, stage="done", percent=100, error="", eta=0,
-                rate=round(size / secs, 1) if secs > 0 and size else "",
-                bytes_done=size or "", bytes_total=size or "",
-                result=json.dumps(result, default=str), finished=repr(time.time()))
-    _end_run(r, keys.runs(job), attempt, outcome)
+        _finished(r, key, job, lease, result)
+    _end_run(r, settings.keys.runs(job), attempt, outcome)
     return {"state": outcome, "attempt": attempt}
 
 

@@ -59,21 +59,12 @@ def _write_changes(leaf: Path, child: Path, blocks: list[int], seed: int) -> byt
     return b"".join(out)
 
 
-def measure_repo(add: Callable[..., Any], work: Path, leaf: Path, reps: int,
-                 say: Callable[[str], None]) -> None:
-    """Measure the repository targets on the chain of ``leaf`` (a realistic
-    workload) and report each through ``add(name, title, group, nbytes,
-    seconds, ratio=, ratio_to=, note=)``."""
-    from ..chain import Chain
+def _measure_first(add: Callable[..., Any], work: Path, leaf: Path, reps: int,
+                   vsize: int, opts: dict[str, Any]) -> tuple[float, float, Any, Path]:
+    """The first image into an empty repository against ``image --to`` (alternated,
+    so that machine noise hits both alike).  Medians of both, the image, the repository."""
     from ..imaging import create_image as image_to
-    from . import create_image, init_repo, restore
-
-    say("measuring the repository: first image, incremental, clone, restore ...")
-    reps = max(1, min(reps, 3))
-    with Chain.open(leaf) as c:
-        vsize, bs, nblocks = c.virtual_size, c.block_size, c.nblocks
-        alloc = [int(b) for b in c.allocated_blocks()]
-    opts = {"fsync": False}
+    from . import create_image, init_repo
 
     def run_to() -> float:
         d = work / "to"
@@ -91,7 +82,6 @@ def measure_repo(add: Callable[..., Any], work: Path, leaf: Path, reps: int,
         img = create_image(leaf, str(d), "vm1", fs_aware=False, backend_options=opts)
         return time.perf_counter() - t, img, d
 
-    # alternate the two so that machine noise hits both alike
     t_to, t_first = [], []
     first: Any = None
     repo_dir = work / "repo-first"
@@ -104,11 +94,18 @@ def measure_repo(add: Callable[..., Any], work: Path, leaf: Path, reps: int,
         ratio=m_first / m_to, ratio_to="image --to time",
         note=f"{first.counts['new']} chunks stored, {first.bytes['new_stored'] / MiB:.1f} MiB; "
              f"image --to of the same chain took {m_to:.3f} s (median of {reps}, alternated)")
+    return m_to, m_first, first, repo_dir
 
-    # second image after a new layer changed 5% of the blocks
-    k = max(1, round(0.05 * nblocks))
-    rng = np.random.default_rng(7)
-    changed = sorted(rng.choice(nblocks, size=k, replace=False).tolist())
+
+def _measure_incremental(add: Callable[..., Any], leaf: Path, repo_dir: Path, changed: list[int],
+                         geometry: tuple[int, int, int], m_first: float,
+                         opts: dict[str, Any]) -> Path:
+    """A second image after a new layer changed the blocks ``changed``: its time
+    and the repository's growth.  Returns the new layer."""
+    from . import create_image
+
+    vsize, bs, nblocks = geometry
+    k = len(changed)
     child = leaf.parent / "repo-bench-child.vhd"
     if child.exists():
         child.unlink()
@@ -127,8 +124,18 @@ def measure_repo(add: Callable[..., Any], work: Path, leaf: Path, reps: int,
         growth, t_second, ratio=growth / lz4_changed, ratio_to="lz4 of changed",
         note=f"grew {growth} bytes (chunks + index + manifest); lz4 frames of the {k} changed "
              f"chunks: {lz4_changed} bytes")
+    return child
 
-    # a second VM cloned from the same base: its first image
+
+def _measure_clone(add: Callable[..., Any], work: Path, leaf: Path, repo_dir: Path,
+                   cchanged: list[int], vsize: int, bs: int, opts: dict[str, Any]) -> Path:
+    """The first image of a second VM cloned from the same base, whose own layer
+    changed the blocks ``cchanged``: the repository's growth.  Returns the clone's
+    directory."""
+    from ..chain import Chain
+    from . import create_image
+
+    k = len(cchanged)
     clone_dir = work / "clone"
     shutil.rmtree(clone_dir, ignore_errors=True)
     clone_dir.mkdir()
@@ -136,7 +143,6 @@ def measure_repo(add: Callable[..., Any], work: Path, leaf: Path, reps: int,
         for ly in c.layers:
             shutil.copy(ly.path, clone_dir / os.path.basename(ly.path))
     clone_leaf = clone_dir / leaf.name
-    cchanged = sorted(rng.choice(nblocks, size=k, replace=False).tolist())
     craw = _write_changes(clone_leaf, clone_dir / "own.vhd", cchanged, 9)
     lz4_clone = sum(_lz4_size(craw[i * bs:(i + 1) * bs]) for i in range(k))
     before = _tree_size(repo_dir)
@@ -149,6 +155,32 @@ def measure_repo(add: Callable[..., Any], work: Path, leaf: Path, reps: int,
         cgrowth, t_clone, ratio=cgrowth / lz4_clone, ratio_to="lz4 of own chunks",
         note=f"{cimg.counts['new']} new chunks of {k} written by the clone; "
              f"{cimg.counts['reused']} found in the repository")
+    return clone_dir
+
+
+def measure_repo(add: Callable[..., Any], work: Path, leaf: Path, reps: int,
+                 say: Callable[[str], None]) -> None:
+    """Measure the repository targets on the chain of ``leaf`` (a realistic
+    workload) and report each through ``add(name, title, group, nbytes,
+    seconds, ratio=, ratio_to=, note=)``."""
+    from ..chain import Chain
+    from . import restore
+
+    say("measuring the repository: first image, incremental, clone, restore ...")
+    reps = max(1, min(reps, 3))
+    with Chain.open(leaf) as c:
+        vsize, bs, nblocks = c.virtual_size, c.block_size, c.nblocks
+        alloc = [int(b) for b in c.allocated_blocks()]
+    opts: dict[str, Any] = {"durable": False}
+    m_to, m_first, first, repo_dir = _measure_first(add, work, leaf, reps, vsize, opts)
+    # second image after a new layer changed 5% of the blocks, then a clone's
+    k = max(1, round(0.05 * nblocks))
+    rng = np.random.default_rng(7)
+    changed = sorted(rng.choice(nblocks, size=k, replace=False).tolist())
+    child = _measure_incremental(add, leaf, repo_dir, changed, (vsize, bs, nblocks), m_first,
+                                 opts)
+    cchanged = sorted(rng.choice(nblocks, size=k, replace=False).tolist())
+    clone_dir = _measure_clone(add, work, leaf, repo_dir, cchanged, vsize, bs, opts)
 
     # restore throughput vs image --to
     out = work / "restore.vhd"
@@ -189,7 +221,7 @@ def sample():
 th = threading.Thread(target=sample, daemon=True); th.start()
 leaf, url, out = sys.argv[1:4]
 t = time.perf_counter()
-img = R.create_image(leaf, url, "big", fs_aware=False, backend_options={"fsync": False})
+img = R.create_image(leaf, url, "big", fs_aware=False, backend_options={"durable": False})
 t1 = time.perf_counter() - t
 R.restore(url, str(img), out, format="vhd")
 t2 = time.perf_counter() - t - t1

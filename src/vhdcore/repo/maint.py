@@ -171,6 +171,83 @@ class GcResult:
     errors: list[str] = field(default_factory=list)
 
 
+def _mark_committed(repo: Repository, parts: list[np.ndarray], res: GcResult) -> None:
+    """The chunks of every committed image (an unreadable index stops ``gc``)."""
+    for ref in repo.images():
+        try:
+            man = repo.manifest(ref)
+            parts.append(ids_as_keys(repo.index(ref, man)))
+        except (RepoFormatError, StoreNotFoundError):
+            if not repo.backend.exists(repo.manifest_key(ref)):
+                continue  # forgotten meanwhile: its copy in forgotten/ counts
+            raise  # an unreadable index stops gc: it must not guess
+        res.images += 1
+
+
+def _mark_forgotten(repo: Repository, starts: list[float], parts: list[np.ndarray],
+                    res: GcResult, dry_run: bool) -> None:
+    """The chunks of forgotten images a lease older than the forget may read;
+    the others are purged."""
+    from .format import decode_index
+
+    for ref in repo.images(where="forgotten"):
+        try:
+            info = json.loads(repo.backend.get(f"forgotten/{ref.name}/{ref.id}.json"))
+            at = float(info["forgotten_at"])
+        except (StoreNotFoundError, ValueError, KeyError, TypeError):
+            at = 0.0
+        # a lease that started before the forget (with a margin for
+        # clocks) may have read the image
+        if any(s <= at + LEASE_CLOCK_MARGIN for s in starts):
+            idx = repo.backend.get(f"forgotten/{ref.name}/{ref.id}.index")
+            ids, _ = decode_index(idx, repo.key, f"forgotten/{ref}")
+            parts.append(ids_as_keys(ids))
+        elif not dry_run:
+            for sfx in (".index", ".fsmask", ".json"):
+                repo.backend.delete(f"forgotten/{ref.name}/{ref.id}{sfx}")
+            res.forgotten_purged += 1
+
+
+def _mark_checkpoints(repo: Repository, start: float, parts: list[np.ndarray],
+                      dry_run: bool) -> None:
+    """The chunks of interrupted images (their checkpoints expire after a week)."""
+    for key, mtime in repo.backend.list("checkpoints/"):
+        if mtime < start - CHECKPOINT_KEEP:
+            if not dry_run:
+                repo.backend.delete(key)
+            continue
+        data = repo.backend.get(key)
+        data = data[:len(data) - len(data) % ID_SIZE]
+        parts.append(ids_as_keys(np.frombuffer(data, dtype=np.uint8).reshape(-1, ID_SIZE)))
+
+
+def _sweep(repo: Repository, live: np.ndarray, cutoff: float, res: GcResult,
+           dry_run: bool) -> None:
+    """Delete the chunks not in ``live`` older than ``cutoff``."""
+    for key, mtime in repo.backend.list("chunks/"):
+        cid = chunk_id_from_key(key)
+        if cid is None:
+            continue
+        res.chunks += 1
+        i = int(np.searchsorted(live, np.void(cid))) if len(live) else 0
+        if i < len(live) and bytes(live[i]) == cid:
+            continue
+        if mtime >= cutoff:
+            res.kept_young += 1
+            continue
+        if dry_run:
+            res.deleted += 1
+            continue
+        # re-check the time right before deleting: a writer that found
+        # this chunk present refreshed it
+        t = repo.backend.mtime(key)
+        if t is not None and t >= cutoff:
+            res.kept_young += 1
+            continue
+        repo.backend.delete(key)
+        res.deleted += 1
+
+
 def gc(repo_url: str | None, *, grace: float | str = "24h", dry_run: bool = False) -> GcResult:
     """Delete chunks no committed index references and that are older than
     ``min(gc start - grace, oldest live lease's start)``.  Forgotten images
@@ -186,72 +263,14 @@ def gc(repo_url: str | None, *, grace: float | str = "24h", dry_run: bool = Fals
             cutoff = min([start - grace_s] + starts)
             res.cutoff = cutoff
             parts: list[np.ndarray] = []
-            # mark: committed images
-            for ref in repo.images():
-                try:
-                    man = repo.manifest(ref)
-                    parts.append(ids_as_keys(repo.index(ref, man)))
-                except (RepoFormatError, StoreNotFoundError):
-                    if not repo.backend.exists(repo.manifest_key(ref)):
-                        continue  # forgotten meanwhile: its copy in forgotten/ counts
-                    raise  # an unreadable index stops gc: it must not guess
-                res.images += 1
-            # forgotten images a lease older than the forget may read
-            for ref in repo.images(where="forgotten"):
-                try:
-                    info = json.loads(repo.backend.get(f"forgotten/{ref.name}/{ref.id}.json"))
-                    at = float(info["forgotten_at"])
-                except (StoreNotFoundError, ValueError, KeyError, TypeError):
-                    at = 0.0
-                # a lease that started before the forget (with a margin for
-                # clocks) may have read the image
-                if any(s <= at + LEASE_CLOCK_MARGIN for s in starts):
-                    idx = repo.backend.get(f"forgotten/{ref.name}/{ref.id}.index")
-                    from .format import decode_index
-
-                    ids, _ = decode_index(idx, repo.key, f"forgotten/{ref}")
-                    parts.append(ids_as_keys(ids))
-                elif not dry_run:
-                    for sfx in (".index", ".fsmask", ".json"):
-                        repo.backend.delete(f"forgotten/{ref.name}/{ref.id}{sfx}")
-                    res.forgotten_purged += 1
-            # checkpoints of interrupted images
-            for key, mtime in repo.backend.list("checkpoints/"):
-                if mtime < start - CHECKPOINT_KEEP:
-                    if not dry_run:
-                        repo.backend.delete(key)
-                    continue
-                data = repo.backend.get(key)
-                data = data[:len(data) - len(data) % ID_SIZE]
-                parts.append(ids_as_keys(np.frombuffer(data, dtype=np.uint8)
-                                         .reshape(-1, ID_SIZE)))
+            _mark_committed(repo, parts, res)
+            _mark_forgotten(repo, starts, parts, res, dry_run)
+            _mark_checkpoints(repo, start, parts, dry_run)
             live = sorted_unique(np.concatenate(parts)) if parts else \
                 np.empty(0, dtype=np.dtype((np.void, ID_SIZE)))
             res.referenced = int(len(live)) - int(bool(len(live)) and
                                                   bool((live == np.void(ZERO_ID)).any()))
-            # sweep
-            for key, mtime in repo.backend.list("chunks/"):
-                cid = chunk_id_from_key(key)
-                if cid is None:
-                    continue
-                res.chunks += 1
-                i = int(np.searchsorted(live, np.void(cid))) if len(live) else 0
-                if i < len(live) and bytes(live[i]) == cid:
-                    continue
-                if mtime >= cutoff:
-                    res.kept_young += 1
-                    continue
-                if dry_run:
-                    res.deleted += 1
-                    continue
-                # re-check the time right before deleting: a writer that found
-                # this chunk present refreshed it
-                t = repo.backend.mtime(key)
-                if t is not None and t >= cutoff:
-                    res.kept_young += 1
-                    continue
-                repo.backend.delete(key)
-                res.deleted += 1
+            _sweep(repo, live, cutoff, res, dry_run)
     return res
 
 
@@ -280,6 +299,116 @@ def _parse_subset(subset: str | None) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def _select(repo: Repository, ref: str | None) -> list[ImageRef]:
+    if ref is None:
+        return repo.images()
+    n, image_id = parse_ref(ref)
+    refs = [repo.resolve(n, image_id)] if image_id else repo.images(check_name(n))
+    if not refs:
+        raise StoreNotFoundError(f"{repo.url}: no image named {n!r}")
+    return refs
+
+
+def _present_chunks(repo: Repository) -> np.ndarray:
+    """Every chunk present, as one sorted array (32 bytes per chunk, no Python
+    object per chunk)."""
+    buf = bytearray()
+    for k, _ in repo.backend.list("chunks/"):
+        cid = chunk_id_from_key(k)
+        if cid is not None:
+            buf += cid
+    return sorted_unique(ids_as_keys(np.frombuffer(bytes(buf), dtype=np.uint8)
+                                     .reshape(-1, ID_SIZE)))
+
+
+def _check_indexes(repo: Repository, refs: list[ImageRef], present: np.ndarray,
+                   res: VerifyResult) -> dict[ImageRef, np.ndarray]:
+    """Each image's manifest and index, and its chunks present; the sorted
+    chunk IDs of each readable image."""
+    per_image: dict[ImageRef, np.ndarray] = {}
+    for r in refs:
+        try:
+            man = repo.manifest(r)
+            ids = ids_as_keys(repo.index(r, man))
+        except (RepoFormatError, StoreNotFoundError) as exc:
+            res.errors[str(r)] = str(exc)
+            res.images[str(r)] = "damaged"
+            continue
+        ids = ids[ids != np.void(ZERO_ID)]
+        u = sorted_unique(ids)
+        per_image[r] = u
+        if len(present):
+            pos = np.minimum(np.searchsorted(present, u), len(present) - 1)
+            miss = u[present[pos] != u]
+        else:
+            miss = u
+        for m in miss[:1000].tolist():
+            res.missing.setdefault(bytes(m).hex(), []).append(str(r))
+        res.images[str(r)] = "damaged" if len(miss) else "ok"
+    return per_image
+
+
+def _read_chunks(repo: Repository, per_image: dict[ImageRef, np.ndarray], res: VerifyResult,
+                 part: int, total: int) -> set[bytes]:
+    """Read and re-hash the chunks (of the subset ``part/total``); the damaged
+    ones, named with the images that use them."""
+    allids: Any = sorted_unique(np.concatenate(list(per_image.values()))) if per_image else []
+    bad: set[bytes] = set()
+    for v in allids:
+        cid = bytes(v)
+        if total > 1 and int.from_bytes(cid[:4], "big") % total != part - 1:
+            continue
+        if cid.hex() in res.missing:
+            continue
+        res.chunks_checked += 1
+        key = chunk_key(cid)
+        try:
+            raw = decode_chunk(repo.backend.get(key), f"chunk {cid.hex()}")
+            if repo.chunk_id(raw) != cid:
+                raise RepoFormatError(f"chunk {cid.hex()} does not hash to its ID")
+        except (RepoFormatError, StoreNotFoundError):
+            bad.add(cid)
+    for r, u in per_image.items():
+        for cid in bad:
+            i = int(np.searchsorted(u, np.void(cid)))
+            if i < len(u) and bytes(u[i]) == cid:
+                res.damaged.setdefault(cid.hex(), []).append(str(r))
+                res.images[str(r)] = "damaged"
+    return bad
+
+
+def _quarantine(repo: Repository, bad: set[bytes]) -> None:
+    """Move damaged chunks to ``bad/`` so that a later image stores a good copy."""
+    for cid in bad:
+        try:
+            data = repo.backend.get(chunk_key(cid))
+            repo.backend.put(f"bad/{cid.hex()}", data)
+            repo.backend.delete(chunk_key(cid))
+        except StoreNotFoundError:
+            pass
+
+
+def _mark_states(repo: Repository, refs: list[ImageRef], res: VerifyResult, read_data: bool,
+                 subset: str | None) -> None:
+    """Each image's verify state into its manifest."""
+    now = time.time()
+    for r in refs:
+        state = res.images.get(str(r), "damaged")
+        if state == "ok" and not read_data:
+            state_doc: dict[str, Any] = {"state": "ok", "time": now, "read_data": False}
+        else:
+            state_doc = {"state": state, "time": now, "read_data": read_data,
+                         "subset": subset}
+        if state == "damaged":
+            state_doc["chunks"] = sorted(
+                [h for h, imgs in {**res.missing, **res.damaged}.items()
+                 if str(r) in imgs])[:100]
+        try:
+            repo.set_verify_state(r, state_doc)
+        except (RepoFormatError, StoreNotFoundError):
+            pass
+
+
 def verify(repo_url: str | None, ref: str | None = None, *, read_data: bool = False,
            subset: str | None = None, mark: bool = True) -> VerifyResult:
     """Check images (``ref``: ``NAME`` or ``NAME@ID``; default every image):
@@ -294,89 +423,12 @@ def verify(repo_url: str | None, ref: str | None = None, *, read_data: bool = Fa
         raise VhdError("--subset needs --read-data")
     res = VerifyResult()
     with open_repo(repo_url) as repo:
-        if ref is None:
-            refs = repo.images()
-        else:
-            n, image_id = parse_ref(ref)
-            refs = [repo.resolve(n, image_id)] if image_id else repo.images(check_name(n))
-            if not refs:
-                raise StoreNotFoundError(f"{repo.url}: no image named {n!r}")
-        # every chunk present, as one sorted array (32 bytes per chunk, no
-        # Python object per chunk)
-        buf = bytearray()
-        for k, _ in repo.backend.list("chunks/"):
-            cid = chunk_id_from_key(k)
-            if cid is not None:
-                buf += cid
-        present = sorted_unique(ids_as_keys(np.frombuffer(bytes(buf), dtype=np.uint8)
-                                        .reshape(-1, ID_SIZE)))
-        del buf
-        per_image: dict[ImageRef, np.ndarray] = {}
-        for r in refs:
-            try:
-                man = repo.manifest(r)
-                ids = ids_as_keys(repo.index(r, man))
-            except (RepoFormatError, StoreNotFoundError) as exc:
-                res.errors[str(r)] = str(exc)
-                res.images[str(r)] = "damaged"
-                continue
-            ids = ids[ids != np.void(ZERO_ID)]
-            u = sorted_unique(ids)
-            per_image[r] = u
-            if len(present):
-                pos = np.minimum(np.searchsorted(present, u), len(present) - 1)
-                miss = u[present[pos] != u]
-            else:
-                miss = u
-            for m in miss[:1000].tolist():
-                res.missing.setdefault(bytes(m).hex(), []).append(str(r))
-            res.images[str(r)] = "damaged" if len(miss) else "ok"
+        refs = _select(repo, ref)
+        per_image = _check_indexes(repo, refs, _present_chunks(repo), res)
         if read_data:
-            allids: Any = sorted_unique(np.concatenate(list(per_image.values()))) if per_image else []
-            bad: set[bytes] = set()
-            for v in allids:
-                cid = bytes(v)
-                if total > 1 and int.from_bytes(cid[:4], "big") % total != part - 1:
-                    continue
-                if cid.hex() in res.missing:
-                    continue
-                res.chunks_checked += 1
-                key = chunk_key(cid)
-                try:
-                    raw = decode_chunk(repo.backend.get(key), f"chunk {cid.hex()}")
-                    if repo.chunk_id(raw) != cid:
-                        raise RepoFormatError(f"chunk {cid.hex()} does not hash to its ID")
-                except (RepoFormatError, StoreNotFoundError):
-                    bad.add(cid)
-            for r, u in per_image.items():
-                for cid in bad:
-                    i = int(np.searchsorted(u, np.void(cid)))
-                    if i < len(u) and bytes(u[i]) == cid:
-                        res.damaged.setdefault(cid.hex(), []).append(str(r))
-                        res.images[str(r)] = "damaged"
+            bad = _read_chunks(repo, per_image, res, part, total)
             if mark:
-                for cid in bad:
-                    try:
-                        data = repo.backend.get(chunk_key(cid))
-                        repo.backend.put(f"bad/{cid.hex()}", data)
-                        repo.backend.delete(chunk_key(cid))
-                    except StoreNotFoundError:
-                        pass
+                _quarantine(repo, bad)
         if mark:
-            now = time.time()
-            for r in refs:
-                state = res.images.get(str(r), "damaged")
-                if state == "ok" and not read_data:
-                    state_doc: dict[str, Any] = {"state": "ok", "time": now, "read_data": False}
-                else:
-                    state_doc = {"state": state, "time": now, "read_data": read_data,
-                                 "subset": subset}
-                if state == "damaged":
-                    state_doc["chunks"] = sorted(
-                        [h for h, imgs in {**res.missing, **res.damaged}.items()
-                         if str(r) in imgs])[:100]
-                try:
-                    repo.set_verify_state(r, state_doc)
-                except (RepoFormatError, StoreNotFoundError):
-                    pass
+            _mark_states(repo, refs, res, read_data, subset)
     return res

@@ -84,18 +84,11 @@ def _open(repo_url: str | Repository | None, ref: str | ImageRef
     return repo, own, r
 
 
-def iter_stream(repo: Repository, man: dict[str, Any], ids: np.ndarray, *,
-                concurrency: int = 4, where: str = ""
-                ) -> Iterator[tuple[str, bytes | memoryview, memoryview | None]]:
-    """The image as the uncompressed stream of ``image --to``: ``("head",
-    footer copy + dynamic header + BAT, None)``, then ``("block", bitmap,
-    data)`` per block holding data, then ``("tail", footer, None)``.  Block
-    pieces are views of reused buffers (valid until the next item)."""
-    from .. import kernels
+def _stream_layout(man: dict[str, Any]) -> Any:
+    """The dynamic VHD layout of the stream, with the UUID and time stamp the
+    manifest recorded (a new UUID and now when they are missing or invalid)."""
     from ..vhd.layout import DynamicLayout
 
-    bs, cs, vsize = man["block_size"], man["chunk_size"], man["virtual_size"]
-    nblocks = -(-vsize // bs)
     stream = man.get("stream")
     stream = stream if isinstance(stream, dict) else {}
     uid: bytes | None = None
@@ -108,7 +101,11 @@ def iter_stream(repo: Repository, man: dict[str, Any], ids: np.ndarray, *,
     ts = stream.get("timestamp")
     if not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts < 1 << 32:
         ts = None
-    layout = DynamicLayout(vsize, bs, unique_id=uid, timestamp=ts)
+    return DynamicLayout(man["virtual_size"], man["block_size"], unique_id=uid, timestamp=ts)
+
+
+def _stored_blocks(ids: np.ndarray, cs: int, bs: int, nblocks: int) -> np.ndarray:
+    """The blocks overlapping a non-zero chunk, ascending."""
     nonzero = nonzero_rows(ids)
     if cs <= bs:
         per = bs // cs
@@ -118,28 +115,38 @@ def iter_stream(repo: Repository, man: dict[str, Any], ids: np.ndarray, *,
     else:
         per = cs // bs
         stored_mask = np.repeat(nonzero, per)[:nblocks]
-    stored = np.nonzero(stored_mask)[0]
-    # blocks of a non-zero chunk larger than a block may be all zero: still
-    # stored (with an empty bitmap), since the head is written first
-    yield "head", layout.head(stored.tolist()), None
-    zeros = bytes(bs)
-    bm = aligned_buffer(layout.bitmap_size)
-    data = aligned_buffer(bs)
-    chunks = iter_chunks(repo, ids, concurrency=concurrency, where=where)
-    pending: tuple[int, bytes] | None = next(chunks, None)
-    for b in stored.tolist():
-        n = min(bs // 512, -(-(vsize - b * bs) // 512))
-        data[:] = zeros
+    result: np.ndarray = np.nonzero(stored_mask)[0]
+    return result
+
+
+class _Blocks:
+    """Assembles each stored block (its bitmap and data) from the chunks, which
+    come in ascending order; the buffers are reused from block to block."""
+
+    def __init__(self, chunks: Iterator[tuple[int, bytes]], cs: int, bs: int, vsize: int,
+                 bitmap_size: int) -> None:
+        self.chunks, self.cs, self.bs, self.vsize = chunks, cs, bs, vsize
+        self.zeros = bytes(bs)
+        self.bm = aligned_buffer(bitmap_size)
+        self.data = aligned_buffer(bs)
+        self.pending: tuple[int, bytes] | None = next(chunks, None)
+
+    def block(self, b: int) -> tuple[memoryview, memoryview]:
+        from .. import kernels
+
+        cs, bs, bm, data = self.cs, self.bs, self.bm, self.data
+        n = min(bs // 512, -(-(self.vsize - b * bs) // 512))
+        data[:] = self.zeros
         start, end = b * bs, b * bs + bs
         # copy every chunk overlapping [start, end)
-        while pending is not None and pending[0] * cs < end:
-            c, raw = pending
+        while self.pending is not None and self.pending[0] * cs < end:
+            c, raw = self.pending
             cstart = c * cs
             lo, hi = max(start, cstart), min(end, cstart + len(raw))
             if hi > lo:
                 data[lo - start:hi - start] = raw[lo - cstart:hi - cstart]
             if cstart + cs <= end:
-                pending = next(chunks, None)
+                self.pending = next(self.chunks, None)
             else:
                 break
         bm[:] = bytes(len(bm))
@@ -148,6 +155,26 @@ def iter_stream(repo: Repository, man: dict[str, Any], ids: np.ndarray, *,
         if rest:
             bm[full] = (0xFF << (8 - rest)) & 0xFF
         kernels.clear_zero_sectors(bm, data, n)
+        return bm, data
+
+
+def iter_stream(repo: Repository, man: dict[str, Any], ids: np.ndarray, *,
+                concurrency: int = 4, where: str = ""
+                ) -> Iterator[tuple[str, bytes | memoryview, memoryview | None]]:
+    """The image as the uncompressed stream of ``image --to``: ``("head",
+    footer copy + dynamic header + BAT, None)``, then ``("block", bitmap,
+    data)`` per block holding data, then ``("tail", footer, None)``.  Block
+    pieces are views of reused buffers (valid until the next item)."""
+    bs, cs, vsize = man["block_size"], man["chunk_size"], man["virtual_size"]
+    layout = _stream_layout(man)
+    stored = _stored_blocks(ids, cs, bs, -(-vsize // bs))
+    # blocks of a non-zero chunk larger than a block may be all zero: still
+    # stored (with an empty bitmap), since the head is written first
+    yield "head", layout.head(stored.tolist()), None
+    blocks = _Blocks(iter_chunks(repo, ids, concurrency=concurrency, where=where), cs, bs,
+                     vsize, layout.bitmap_size)
+    for b in stored.tolist():
+        bm, data = blocks.block(b)
         yield "block", bm, data
     yield "tail", layout.tail(), None
 
@@ -221,6 +248,62 @@ def restore(repo_url: str | Repository | None, ref: str | ImageRef, out: str | o
             repo.close()
 
 
+def _export_segment_size(store: Any, man: dict[str, Any], ids: np.ndarray) -> int:
+    """The segment size for the stream of an image (as ``image --to`` chooses it)."""
+    from ..vhd.layout import DynamicLayout
+    from ..compress import frame_bound
+    from ..store import choose_segment_size
+
+    layout = DynamicLayout(man["virtual_size"], man["block_size"])
+    nonzero_blocks = nonzero_rows(ids).sum() * max(1, man["chunk_size"] // man["block_size"])
+    stream_bound = layout.stream_size(int(nonzero_blocks))
+    seg = choose_segment_size(frame_bound(stream_bound) + 64 * int(nonzero_blocks),
+                              store.segment_limits(),
+                              max_frame_size=frame_bound(layout.block_stride))
+    limits = store.segment_limits()
+    if limits.min_segment_size > 1:
+        seg = max(seg, -(-(limits.min_segment_size + frame_bound(
+            layout.block_stride) + 4096) // (1 << 20)) << 20)
+    return int(seg)
+
+
+class _Frames:
+    """The stream of an image as lz4 frames, in order, compressed by a pool of
+    ``threads``; hashes and counts the uncompressed stream as it goes."""
+
+    def __init__(self, repo: Repository, man: dict[str, Any], ids: np.ndarray,
+                 concurrency: int, threads: int, where: str) -> None:
+        self.repo, self.man, self.ids = repo, man, ids
+        self.concurrency, self.threads, self.where = concurrency, threads, where
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.nblocks = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        from ..compress import compress_frame
+
+        threads = self.threads
+        pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="vhdcore-lz4")
+        win: deque[Future[bytes]] = deque()
+        try:
+            for _kind, a, b in iter_stream(self.repo, self.man, self.ids,
+                                           concurrency=self.concurrency, where=self.where):
+                if b is not None:
+                    buf = b"".join((a, b))
+                    self.nblocks += 1
+                else:
+                    buf = bytes(a)
+                self.sha.update(buf)
+                self.size += len(buf)
+                win.append(pool.submit(compress_frame, buf))
+                while len(win) > 2 * threads:
+                    yield win.popleft().result()
+            while win:
+                yield win.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 def export(repo_url: str | Repository | None, ref: str | ImageRef, to_url: str, *,
            concurrency: int = 4, threads: int = 2,
            store_options: dict[str, Any] | None = None) -> dict[str, str]:
@@ -228,8 +311,7 @@ def export(repo_url: str | Repository | None, ref: str | ImageRef, to_url: str, 
     ``image --to`` (lz4 frames, segmented; ``lz4 -d`` and ``restore URL``
     open it).  For an image of a chain, the stream is byte for byte what
     ``image --to`` of that chain stores.  Returns the stream's metadata."""
-    from ..compress import compress_frame, frame_bound
-    from ..store import SegmentUploader, choose_segment_size, image_metadata, open_store
+    from ..store import SegmentUploader, image_metadata, open_store
     from ..store.upload import pack_segments
 
     repo, own, r = _open(repo_url, ref)
@@ -238,52 +320,15 @@ def export(repo_url: str | Repository | None, ref: str | ImageRef, to_url: str, 
             man, ids = _load(repo, r)
             store = open_store(to_url, **(store_options or {}))
             try:
-                from ..vhd.layout import DynamicLayout
-
-                layout = DynamicLayout(man["virtual_size"], man["block_size"])
-                nonzero_blocks = nonzero_rows(ids).sum() * max(1, man["chunk_size"]
-                                                              // man["block_size"])
-                stream_bound = layout.stream_size(int(nonzero_blocks))
-                seg = choose_segment_size(frame_bound(stream_bound) + 64 * int(nonzero_blocks),
-                                          store.segment_limits(),
-                                          max_frame_size=frame_bound(layout.block_stride))
-                limits = store.segment_limits()
-                if limits.min_segment_size > 1:
-                    seg = max(seg, -(-(limits.min_segment_size + frame_bound(
-                        layout.block_stride) + 4096) // (1 << 20)) << 20)
-                sha = hashlib.sha256()
-                size = 0
-                nblocks = 0
-
-                def frames() -> Iterator[bytes]:
-                    nonlocal size, nblocks
-                    pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="vhdcore-lz4")
-                    win: deque[Future[bytes]] = deque()
-                    try:
-                        for kind, a, b in iter_stream(repo, man, ids, concurrency=concurrency,
-                                                      where=f" (image {r})"):
-                            if b is not None:
-                                buf = b"".join((a, b))
-                                nblocks += 1
-                            else:
-                                buf = bytes(a)
-                            sha.update(buf)
-                            size += len(buf)
-                            win.append(pool.submit(compress_frame, buf))
-                            while len(win) > 2 * threads:
-                                yield win.popleft().result()
-                        while win:
-                            yield win.popleft().result()
-                    finally:
-                        pool.shutdown(wait=True, cancel_futures=True)
-
+                seg = _export_segment_size(store, man, ids)
+                frames = _Frames(repo, man, ids, concurrency, threads, f" (image {r})")
                 with SegmentUploader(store, concurrency=concurrency) as up:
-                    for index, data in pack_segments(frames(), seg):
+                    for index, data in pack_segments(iter(frames), seg):
                         up.submit(index, data)
-                    meta = image_metadata(sha256=sha.hexdigest(), stream_size=size,
+                    meta = image_metadata(sha256=frames.sha.hexdigest(), stream_size=frames.size,
                                           virtual_size=man["virtual_size"],
                                           **{"block-size": str(man["block_size"]),
-                                             "blocks-stored": str(nblocks),
+                                             "blocks-stored": str(frames.nblocks),
                                              "fs-aware": "yes" if man.get("fs_aware") else "no",
                                              "repo-image": str(r)})
                     manifest = up.finish(meta)

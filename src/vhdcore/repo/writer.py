@@ -24,20 +24,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from .._version import __version__
 from ..chain import Chain
-from ..coalesce import FreeMap, fs_free_map, iter_image_blocks
-from ..disk import PathLike, VhdFile
+from ..coalesce import iter_image_blocks
+from ..disk import PathLike
 from ..errors import StoreNotFoundError, VhdError, VhdTimeoutError
 from .core import ImageRef, Repository, new_image_id, open_repo
 from .format import (
     ID_SIZE,
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
-    ZERO_ID,
-    RepoFormatError,
     check_name,
     chunk_key,
     encode_chunk,
@@ -45,6 +42,14 @@ from .format import (
     ids_as_keys,
     nonzero_rows,
     sorted_unique,
+)
+from .incremental import (
+    Plan,
+    blocks_to_read,
+    chain_tag,
+    layer_identity,
+    plan_image,
+    reusable_chunks,
 )
 
 __all__ = ["RepoImage", "create_image", "layer_identity", "reusable_chunks"]
@@ -75,91 +80,6 @@ class RepoImage:
         return ImageRef(self.name, self.id)
 
 
-def layer_identity(vhd: VhdFile) -> dict[str, Any]:
-    """What proves a layer unchanged: UUID, size, times, inode and a digest of
-    its footer, header and BAT."""
-    st = os.fstat(vhd._fd)
-    h = xxhash.xxh3_128(vhd.footer.pack())
-    if not vhd.is_fixed:
-        assert vhd.header is not None
-        h.update(vhd.header.pack())
-        if vhd.bat is not None:
-            h.update(np.ascontiguousarray(vhd.bat).tobytes())
-    return {"path": os.path.realpath(vhd.path), "uuid": str(vhd.uuid), "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino,
-            "dev": st.st_dev, "meta": h.hexdigest()}
-
-
-_IDENTITY_FIELDS = ("uuid", "size", "mtime_ns", "ctime_ns", "ino", "dev", "meta")
-
-
-def _same_layer(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return all(a.get(k) == b.get(k) for k in _IDENTITY_FIELDS)
-
-
-def fs_mask_digests(free_map: FreeMap | None, nblocks: int, block_size: int) -> np.ndarray:
-    """Per VHD block: 0 when nothing is free, 1 when all is, else a digest of
-    the block's free-sector mask."""
-    out = np.zeros(nblocks, dtype=np.uint64)
-    if free_map is None:
-        return out
-    dmap = getattr(free_map, "disk_map", None)
-    if dmap is None:
-        for b in range(nblocks):
-            m = free_map(b, block_size // 512)
-            if m is not None:
-                out[b] = xxhash.xxh3_64_intdigest(m) | 2
-        return out
-    states = dmap.block_states(block_size, nblocks)
-    out[states == 2] = 1
-    for b in np.nonzero(states == 1)[0].tolist():
-        m = dmap.free_bitmap_for_block(b, block_size)
-        out[b] = (xxhash.xxh3_64_intdigest(m) | 2) if m is not None else 0
-    return out
-
-
-def reusable_chunks(chain: Chain, identity: list[dict[str, Any]], prev: dict[str, Any],
-                    chunk_size: int, masks: np.ndarray, prev_masks: np.ndarray | None
-                    ) -> tuple[np.ndarray, str]:
-    """Which chunks keep the previous image's ID without being read, and why
-    (or why none do).  All three must hold for a chunk: every layer owning a
-    sector of it is unchanged since ``prev`` (the previous chain is a suffix of
-    this one, layer for layer); its filesystem free-sector mask is unchanged;
-    ``prev`` did not verify damaged."""
-    nchunks = -(-chain.virtual_size // chunk_size)
-    none = np.zeros(nchunks, dtype=bool)
-    if prev["verify"].get("state") == "damaged":
-        return none, "previous image is damaged"
-    if prev["virtual_size"] != chain.virtual_size or prev["block_size"] != chain.block_size:
-        return none, "the disk's size or block size changed"
-    pchain = prev["chain"]
-    k = len(identity) - len(pchain)
-    if k < 0 or not all(isinstance(p, dict) and _same_layer(p, n)
-                        for p, n in zip(pchain, identity[k:])):
-        return none, "the layers of the previous image are not all unchanged (coalesced?)"
-    if prev_masks is None or len(prev_masks) != len(masks):
-        return none, "no filesystem mask of the previous image"
-    bs = chain.block_size
-    changed = np.zeros(chain.nblocks, dtype=bool)
-    for ly in chain.layers[:k]:
-        if ly.is_fixed:
-            changed[:] = True
-        else:
-            a = ly.allocated_blocks()
-            changed[a[a < chain.nblocks]] = True
-    changed |= masks != prev_masks
-    # map blocks to chunks
-    if chunk_size <= bs:
-        per = bs // chunk_size
-        ok = np.repeat(~changed, per)[:nchunks]
-    else:
-        per = chunk_size // bs
-        pad = np.zeros(nchunks * per, dtype=bool)
-        pad[:chain.nblocks] = changed
-        ok = np.asarray(~pad.reshape(nchunks, per).any(axis=1), dtype=bool)
-    return ok, f"{k} new layer(s) since the previous image"
-
-
 class _Recent:
     """A bounded set of chunk IDs written in this run (dedup inside one image)."""
 
@@ -177,11 +97,6 @@ class _Recent:
             self.d[cid] = None
             if len(self.d) > self.cap:
                 self.d.popitem(last=False)
-
-
-def _chain_tag(identity: list[dict[str, Any]], fs_aware: bool) -> str:
-    blob = json.dumps([[ly[k] for k in _IDENTITY_FIELDS] for ly in identity] + [fs_aware])
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def create_image(leaf: PathLike, repo_url: str | None, name: str, *,
@@ -233,290 +148,306 @@ def create_image(leaf: PathLike, repo_url: str | None, name: str, *,
         repo.close()
 
 
-def _previous(repo: Repository, name: str) -> tuple[ImageRef, dict[str, Any]] | None:
-    """The newest image of ``name`` not marked damaged (the base)."""
-    for ref in reversed(repo.images(name)):
-        try:
-            man = repo.manifest(ref)
-        except (RepoFormatError, StoreNotFoundError):
-            continue
-        if man["verify"].get("state") != "damaged":
-            return ref, man
-    return None
+
+def _in_sorted(arr: np.ndarray | None, cid: bytes) -> bool:
+    if arr is None or len(arr) == 0:
+        return False
+    i = int(np.searchsorted(arr, np.void(cid)))
+    return i < len(arr) and bytes(arr[i]) == cid
 
 
-def _run(repo: Repository, chain: Chain, name: str, rep: Any, t0: float,
-         deadline: float | None, fs_aware: bool, rehash: bool, threads: int,
-         concurrency: int, cancel: threading.Event | None = None) -> RepoImage:
-    cs = repo.chunk_size
-    bs = chain.block_size
-    if not (cs % bs == 0 or bs % cs == 0):
-        raise VhdError(f"the repository's chunk size {cs} and the chain's block size {bs} "
-                       "must divide one another")
-    vsize = chain.virtual_size
-    nchunks = -(-vsize // cs)
-    rep.enter("coalescing", message="reading the chain's layers, the filesystems and the "
-              "previous image of " + name, bytes_done=0, bytes_total=vsize)
-    identity = [layer_identity(ly) for ly in chain.layers]
-    free_map: FreeMap | None = None
-    fs_info: dict[str, Any] | None = None
-    if fs_aware:
-        free_map, fs_info = fs_free_map(chain)
-    masks = fs_mask_digests(free_map, chain.nblocks, bs)
-    ids = np.zeros((nchunks, ID_SIZE), dtype=np.uint8)
-    reuse = np.zeros(nchunks, dtype=bool)
-    parent: str | None = None
-    why = "no previous image"
-    prev_ids: np.ndarray | None = None
-    base = _previous(repo, name)
-    all_refs = repo.images()
-    if base is not None:
-        bref, bman = base
-        parent = bref.id
-        try:
-            prev_ids = repo.index(bref, bman)
-            pm: np.ndarray | None = None
-            try:
-                raw = repo.backend.get(f"images/{bref.name}/{bref.id}.fsmask")
-                if len(raw) % 8 == 0:
-                    pm = np.frombuffer(raw, dtype="<u8").astype(np.uint64)
-            except StoreNotFoundError:
-                pm = None if bman.get("fs_aware") else np.zeros(chain.nblocks, dtype=np.uint64)
-            if rehash:
-                why = "--rehash: every chunk read and hashed"
-            elif bool(bman.get("fs_aware")) != bool(fs_aware):
-                why = "the previous image was made with another --fs-aware setting"
-            else:
-                reuse, why = reusable_chunks(chain, identity, bman, cs, masks, pm)
-                ids[reuse] = prev_ids[reuse]
-        except RepoFormatError as exc:
-            why = f"previous image unusable ({exc})"
-            prev_ids = None
-    # chunks an interrupted run of this chain already stored
-    tag = _chain_tag(identity, fs_aware)
-    ckey = f"checkpoints/{name}/{tag}"
-    stored_before = b""
-    try:
-        stored_before = repo.backend.get(ckey)
-        stored_before = stored_before[:len(stored_before) - len(stored_before) % ID_SIZE]
-    except StoreNotFoundError:
-        pass
-    resumed = bool(stored_before)
-    first = [prev_ids] if prev_ids is not None else []
-    known = repo.known_ids(first, [r for r in all_refs if not (base and r == base[0])])
-    # a checkpoint is no committed index: its IDs are checked before use
-    ck_known = sorted_unique(ids_as_keys(np.frombuffer(stored_before, dtype=np.uint8)
-                                     .reshape(-1, ID_SIZE))) if stored_before else None
-    recent = _Recent()
-    zero_ids: dict[int, bytes] = {}
-
-    def zero_id(n: int) -> bytes:
-        z = zero_ids.get(n)
-        if z is None:
-            z = zero_ids[n] = repo.chunk_id(bytes(n))
-        return z
-
-    def in_sorted(arr: np.ndarray | None, cid: bytes) -> bool:
-        if arr is None or len(arr) == 0:
-            return False
-        i = int(np.searchsorted(arr, np.void(cid)))
-        return i < len(arr) and bytes(arr[i]) == cid
-
-    def is_known(cid: bytes) -> bool:
-        if in_sorted(known, cid):
-            return True
-        return in_sorted(ck_known, cid) and repo.backend.exists(chunk_key(cid))
-
-    stats = {"new": 0, "reused": int(reuse.sum()), "zero": 0, "read": 0, "existing": 0}
-    nbytes = {"new": 0, "new_stored": 0, "reused": 0, "zero": 0, "read": 0}
-    if prev_ids is not None and reuse.any():
-        rz = ~nonzero_rows(prev_ids[reuse])
-        stats["zero"] += int(rz.sum())
-        stats["reused"] -= int(rz.sum())
-    # bytes of reused chunks (the last chunk may be short)
+def _chunk_lengths(nchunks: int, cs: int, vsize: int) -> np.ndarray:
+    """Bytes of each chunk (the last one may be short)."""
     lens = np.full(nchunks, cs, dtype=np.int64)
     if nchunks:
         lens[-1] = vsize - (nchunks - 1) * cs
-    if reuse.any():
-        zr = ~nonzero_rows(ids[reuse])
-        nbytes["zero"] += int(lens[reuse][zr].sum())
-        nbytes["reused"] += int(lens[reuse][~zr].sum())
-    stored_new = bytearray(stored_before)
-    lock = threading.Lock()
+    return lens
 
-    def work(c: int, raw: bytes) -> None:
+
+class _ChunkSink:
+    """The end of stage 2: hash each chunk read, and store it once unless it is
+    zero or already known; counts what it did and which chunks this run stored
+    (the checkpoint an interrupted run resumes from)."""
+
+    def __init__(self, repo: Repository, plan: Plan, lens: np.ndarray,
+                 known: np.ndarray | None, stored_before: bytes, ckey: str) -> None:
+        self.repo = repo
+        self.ids = plan.ids
+        self.known = known
+        # a checkpoint is no committed index: its IDs are checked before use
+        self.ck_known = sorted_unique(ids_as_keys(np.frombuffer(stored_before, dtype=np.uint8)
+                                                  .reshape(-1, ID_SIZE))) if stored_before else None
+        self.ckey = ckey
+        self.recent = _Recent()
+        self.zero_ids: dict[int, bytes] = {}
+        self.lock = threading.Lock()
+        self.stored_new = bytearray(stored_before)
+        reuse = plan.reuse
+        self.stats = {"new": 0, "reused": int(reuse.sum()), "zero": 0, "read": 0, "existing": 0}
+        self.nbytes = {"new": 0, "new_stored": 0, "reused": 0, "zero": 0, "read": 0}
+        if plan.prev_ids is not None and reuse.any():
+            rz = ~nonzero_rows(plan.prev_ids[reuse])
+            self.stats["zero"] += int(rz.sum())
+            self.stats["reused"] -= int(rz.sum())
+        if reuse.any():  # bytes of reused chunks
+            zr = ~nonzero_rows(plan.ids[reuse])
+            self.nbytes["zero"] += int(lens[reuse][zr].sum())
+            self.nbytes["reused"] += int(lens[reuse][~zr].sum())
+
+    def zero_id(self, n: int) -> bytes:
+        z = self.zero_ids.get(n)
+        if z is None:
+            z = self.zero_ids[n] = self.repo.chunk_id(bytes(n))
+        return z
+
+    def is_known(self, cid: bytes) -> bool:
+        if _in_sorted(self.known, cid):
+            return True
+        return _in_sorted(self.ck_known, cid) and self.repo.backend.exists(chunk_key(cid))
+
+    def _count(self, what: str, n: int, what_bytes: str | None = None) -> None:
+        with self.lock:
+            self.stats[what] += 1
+            self.nbytes[what_bytes or what] += n
+
+    def __call__(self, c: int, raw: bytes) -> None:
+        repo = self.repo
         cid = repo.chunk_id(raw)
         n = len(raw)
-        if cid == zero_id(n):
-            with lock:
-                stats["zero"] += 1
-                nbytes["zero"] += n
+        if cid == self.zero_id(n):
+            self._count("zero", n)
             return  # ids[c] stays ZERO_ID
-        ids[c] = np.frombuffer(cid, dtype=np.uint8)
-        if is_known(cid) or cid in recent:
-            with lock:
-                stats["reused"] += 1
-                nbytes["reused"] += n
+        self.ids[c] = np.frombuffer(cid, dtype=np.uint8)
+        if self.is_known(cid) or cid in self.recent:
+            self._count("reused", n)
             return
         obj = encode_chunk(raw, repo.codec)
         wrote = repo.backend.put_once(chunk_key(cid), obj)
-        recent.add(cid)
-        with lock:
-            stored_new.extend(cid)
+        self.recent.add(cid)
+        with self.lock:
+            self.stored_new.extend(cid)
             if wrote:
-                stats["new"] += 1
-                nbytes["new"] += n
-                nbytes["new_stored"] += len(obj)
+                self.stats["new"] += 1
+                self.nbytes["new"] += n
+                self.nbytes["new_stored"] += len(obj)
             else:
-                stats["existing"] += 1
-                nbytes["reused"] += n
+                self.stats["existing"] += 1
+                self.nbytes["reused"] += n
 
-    def save_checkpoint() -> None:
-        with lock:
-            data = bytes(stored_new)
+    def add_read(self, n: int) -> None:
+        with self.lock:
+            self.nbytes["read"] += n
+
+    def save_checkpoint(self) -> None:
+        with self.lock:
+            data = bytes(self.stored_new)
         if data:
-            repo.backend.put(ckey, data)
+            self.repo.backend.put(self.ckey, data)
 
-    # blocks to read: those overlapping a chunk not reused, that some layer holds
-    need = ~reuse
-    need_blocks: np.ndarray
-    if cs <= bs:
-        per = bs // cs
-        pad = np.zeros(chain.nblocks * per, dtype=bool)
-        pad[:nchunks] = need
-        need_blocks = np.asarray(pad.reshape(chain.nblocks, per).any(axis=1))
-    else:
-        per = cs // bs
-        need_blocks = np.repeat(need, per)[:chain.nblocks]
-    alloc = chain.allocated_blocks()
-    todo = alloc[need_blocks[alloc]]
+
+class _Window:
+    """A thread pool with a bounded window of chunks in flight (in order)."""
+
+    def __init__(self, sink: _ChunkSink, concurrency: int) -> None:
+        self.sink = sink
+        self.pool = ThreadPoolExecutor(max_workers=max(1, concurrency),
+                                       thread_name_prefix="vhdcore-repo")
+        self.window: deque[Future[None]] = deque()
+        self.max_window = max(2, 2 * concurrency)
+
+    def submit(self, c: int, raw: bytes) -> None:
+        self.window.append(self.pool.submit(self.sink, c, raw))
+        while len(self.window) > self.max_window:
+            self.window.popleft().result()
+
+    def close(self) -> BaseException | None:
+        """Wait for every chunk in flight and stop the pool; the first failure."""
+        err: BaseException | None = None
+        for f in self.window:
+            try:
+                f.result()
+            except BaseException as exc:  # keep the first failure
+                err = err or exc
+        self.window.clear()
+        self.pool.shutdown(wait=True)
+        return err
+
+
+class _Chunker:
+    """Cuts the blocks read (ascending) into the chunks not reused: a block
+    holds several chunks, or a chunk gathers several blocks."""
+
+    def __init__(self, plan: Plan, bs: int, vsize: int, window: _Window) -> None:
+        self.cs, self.bs, self.vsize = plan.chunk_size, bs, vsize
+        self.nchunks, self.reuse = plan.nchunks, plan.reuse
+        self.window = window
+        self.cur_c = -1
+        self.cur_buf: bytearray | None = None
+
+    def chunk_len(self, c: int) -> int:
+        return int(min(self.cs, self.vsize - c * self.cs))
+
+    def add(self, b: int, data: Any) -> None:
+        cs, bs = self.cs, self.bs
+        if cs <= bs:
+            for j in range(bs // cs):
+                c = b * (bs // cs) + j
+                if c >= self.nchunks or self.reuse[c]:
+                    continue
+                n = self.chunk_len(c)
+                self.window.submit(c, bytes(data[j * cs:j * cs + n]))
+            return
+        c = b * bs // cs
+        if c != self.cur_c:
+            self.finish()
+            self.cur_c, self.cur_buf = c, bytearray(cs)
+        assert self.cur_buf is not None
+        off = b * bs - c * cs
+        self.cur_buf[off:off + bs] = data[:bs]
+
+    def finish(self) -> None:
+        """Hand over the chunk being gathered, if any."""
+        if self.cur_buf is not None:
+            self.window.submit(self.cur_c, bytes(self.cur_buf[:self.chunk_len(self.cur_c)]))
+            self.cur_buf = None
+
+
+def _read_and_store(chain: Chain, plan: Plan, todo: np.ndarray, sink: _ChunkSink, rep: Any,
+                    threads: int, concurrency: int, deadline: float | None,
+                    cancel: threading.Event | None) -> str | None:
+    """Stage 2: read the blocks ``todo`` through the merge kernel and store their
+    chunks, checkpointing every :data:`CHECKPOINT_INTERVAL` seconds.  Returns why
+    it stopped early (None when it did not); a failure of a chunk is raised."""
+    bs = chain.block_size
+    window = _Window(sink, concurrency)
+    chunker = _Chunker(plan, bs, chain.virtual_size, window)
     read_total = int(len(todo)) * bs
-    rep.enter("uploading", message=f"{why}; reading {len(todo)} blocks, reusing "
-              f"{int(reuse.sum())} chunks", bytes_done=0, bytes_total=read_total,
-              blocks_total=len(todo))
-    pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="vhdcore-repo")
-    window: deque[Future[None]] = deque()
-    max_window = max(2, 2 * concurrency)
     stopped: str | None = None
     last_ck = time.monotonic()
-    cur_c = -1
-    cur_buf: bytearray | None = None
-
-    def submit(c: int, raw: bytes) -> None:
-        window.append(pool.submit(work, c, raw))
-        while len(window) > max_window:
-            window.popleft().result()
-
-    def chunk_len(c: int) -> int:
-        return int(min(cs, vsize - c * cs))
-
-    it = iter_image_blocks(chain, threads=threads, blocks=todo.tolist(), free_map=free_map)
+    it = iter_image_blocks(chain, threads=threads, blocks=todo.tolist(), free_map=plan.free_map)
     done_blocks = 0
     try:
-        try:
-            for blk in it:
-                b = blk.index
-                done_blocks += 1
-                if cs <= bs:
-                    for j in range(bs // cs):
-                        c = b * (bs // cs) + j
-                        if c >= nchunks or reuse[c]:
-                            continue
-                        n = chunk_len(c)
-                        submit(c, bytes(blk.data[j * cs:j * cs + n]))
-                else:
-                    c = b * bs // cs
-                    if c != cur_c:
-                        if cur_buf is not None:
-                            submit(cur_c, bytes(cur_buf[:chunk_len(cur_c)]))
-                        cur_c, cur_buf = c, bytearray(cs)
-                    assert cur_buf is not None
-                    off = b * bs - c * cs
-                    cur_buf[off:off + bs] = blk.data[:bs]
-                with lock:
-                    nbytes["read"] += bs
-                rep.emit(bytes_done=done_blocks * bs, bytes_total=read_total,
-                         blocks_done=done_blocks, blocks_total=len(todo))
-                now = time.monotonic()
-                if now - last_ck > CHECKPOINT_INTERVAL:
-                    save_checkpoint()
-                    last_ck = now
-                if deadline is not None and now >= deadline:
-                    stopped = "stopped at its timeout"
-                    break
-                if cancel is not None and cancel.is_set():
-                    stopped = "was cancelled"
-                    break
-            if stopped is None and cur_buf is not None:
-                submit(cur_c, bytes(cur_buf[:chunk_len(cur_c)]))
-        except KeyboardInterrupt:
-            stopped = "was interrupted"
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-            err: BaseException | None = None
-            for f in window:
-                try:
-                    f.result()
-                except BaseException as exc:  # keep the first failure
-                    err = err or exc
-            window.clear()
-            pool.shutdown(wait=True)
-            if stopped is not None or err is not None:
-                try:
-                    save_checkpoint()
-                except VhdError:
-                    pass
-            if err is not None and stopped is None:
-                raise err
-        if stopped is not None:
-            raise VhdTimeoutError(
-                f"image of {name} {stopped} ({stats['new']} new chunks stored); run the same "
-                "command again to resume (stored chunks are not uploaded again)")
-    except BaseException:
-        raise
-    zr = ~nonzero_rows(ids)  # never stored: read as zero, or never allocated
-    stats["zero"] = int(zr.sum())
-    nbytes["zero"] = int(lens[zr].sum())
-    # ------------------------------------------------ commit: index, manifest
+        for blk in it:
+            done_blocks += 1
+            chunker.add(blk.index, blk.data)
+            sink.add_read(bs)
+            rep.emit(bytes_done=done_blocks * bs, bytes_total=read_total,
+                     blocks_done=done_blocks, blocks_total=len(todo))
+            now = time.monotonic()
+            if now - last_ck > CHECKPOINT_INTERVAL:
+                sink.save_checkpoint()
+                last_ck = now
+            if deadline is not None and now >= deadline:
+                stopped = "stopped at its timeout"
+                break
+            if cancel is not None and cancel.is_set():
+                stopped = "was cancelled"
+                break
+        if stopped is None:
+            chunker.finish()
+    except KeyboardInterrupt:
+        stopped = "was interrupted"
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+        err = window.close()
+        if stopped is not None or err is not None:
+            try:
+                sink.save_checkpoint()
+            except VhdError:
+                pass
+        if err is not None and stopped is None:
+            raise err
+    return stopped
+
+
+def _commit(repo: Repository, chain: Chain, name: str, plan: Plan, sink: _ChunkSink,
+            fs_aware: bool, t0: float) -> tuple[str, bytes, float]:
+    """Write the index, then the manifest: the image exists from then on.
+    Returns its ID, the index digest and the seconds the run took."""
+    cs, vsize, nchunks, ids = plan.chunk_size, chain.virtual_size, plan.nchunks, plan.ids
     newest = repo.images(name)
     image_id = new_image_id(after=newest[-1].id if newest else None)
     ref = ImageRef(name, image_id)
     digest = repo.index_digest(ids.data)
     if fs_aware:
         repo.backend.put_once(f"images/{name}/{image_id}.fsmask",
-                              masks.astype("<u8").tobytes())
+                              plan.masks.astype("<u8").tobytes())
     # header and IDs written one after the other (no copy of the IDs here)
     repo.backend.put_once(repo.index_key(ref), (encode_index_header(cs, vsize, nchunks, digest),
                                                 ids.data.cast("B")))
     # what the stream export needs to reproduce `image --to` byte for byte
     from ..imaging import STREAM_FORMAT
 
+    bs = chain.block_size
     opts = {"block_size": bs, "fs_aware": bool(fs_aware)}
     stream_uuid = hashlib.sha256(json.dumps(
-        {"chain": [(c["uuid"], c["size"], c["mtime_ns"]) for c in identity],
+        {"chain": [(c["uuid"], c["size"], c["mtime_ns"]) for c in plan.identity],
          "options": opts, "format": STREAM_FORMAT}, sort_keys=True).encode()).digest()[:16]
     seconds = time.monotonic() - t0
     manifest = {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "name": name, "id": image_id,
         "created": time.time(), "tool": f"vhdcore {__version__}", "virtual_size": vsize,
         "chunk_size": cs, "nchunks": nchunks, "digest": digest.hex(), "block_size": bs,
-        "chain": identity, "leaf": os.path.abspath(chain.leaf.path), "parent": parent,
-        "reuse": why, "fs_aware": bool(fs_aware), "fs": fs_info or {},
-        "counts": dict(stats), "bytes": dict(nbytes),
+        "chain": plan.identity, "leaf": os.path.abspath(chain.leaf.path), "parent": plan.parent,
+        "reuse": plan.why, "fs_aware": bool(fs_aware), "fs": plan.fs_info or {},
+        "counts": dict(sink.stats), "bytes": dict(sink.nbytes),
         "stream": {"uuid": stream_uuid.hex(), "timestamp": chain.leaf.footer.timestamp},
         "verify": {"state": "unverified"}, "seconds": round(seconds, 3),
     }
     repo.backend.put_once(repo.manifest_key(ref), json.dumps(manifest, indent=1).encode())
+    return image_id, digest, seconds
+
+
+def _run(repo: Repository, chain: Chain, name: str, rep: Any, t0: float,
+         deadline: float | None, fs_aware: bool, rehash: bool, threads: int,
+         concurrency: int, cancel: threading.Event | None = None) -> RepoImage:
+    """The stages of :func:`create_image`: plan (coalescing), read and store
+    (uploading), commit (done)."""
+    cs = repo.chunk_size
+    bs = chain.block_size
+    if not (cs % bs == 0 or bs % cs == 0):
+        raise VhdError(f"the repository's chunk size {cs} and the chain's block size {bs} "
+                       "must divide one another")
+    vsize = chain.virtual_size
+    rep.enter("coalescing", message="reading the chain's layers, the filesystems and the "
+              "previous image of " + name, bytes_done=0, bytes_total=vsize)
+    plan = plan_image(repo, chain, name, fs_aware, rehash)
+    all_refs = repo.images()
+    # chunks an interrupted run of this chain already stored
+    ckey = f"checkpoints/{name}/{chain_tag(plan.identity, fs_aware)}"
+    stored_before = b""
+    try:
+        stored_before = repo.backend.get(ckey)
+        stored_before = stored_before[:len(stored_before) - len(stored_before) % ID_SIZE]
+    except StoreNotFoundError:
+        pass
+    first = [plan.prev_ids] if plan.prev_ids is not None else []
+    known = repo.known_ids(first, [r for r in all_refs if not (plan.base and r == plan.base)])
+    lens = _chunk_lengths(plan.nchunks, cs, vsize)
+    sink = _ChunkSink(repo, plan, lens, known, stored_before, ckey)
+    todo = blocks_to_read(chain, plan)
+    read_total = int(len(todo)) * bs
+    rep.enter("uploading", message=f"{plan.why}; reading {len(todo)} blocks, reusing "
+              f"{int(plan.reuse.sum())} chunks", bytes_done=0, bytes_total=read_total,
+              blocks_total=len(todo))
+    stopped = _read_and_store(chain, plan, todo, sink, rep, threads, concurrency, deadline,
+                              cancel)
+    if stopped is not None:
+        raise VhdTimeoutError(
+            f"image of {name} {stopped} ({sink.stats['new']} new chunks stored); run the same "
+            "command again to resume (stored chunks are not uploaded again)")
+    zr = ~nonzero_rows(plan.ids)  # never stored: read as zero, or never allocated
+    sink.stats["zero"] = int(zr.sum())
+    sink.nbytes["zero"] = int(lens[zr].sum())
+    image_id, digest, seconds = _commit(repo, chain, name, plan, sink, fs_aware, t0)
     try:
         repo.backend.delete(ckey)
     except VhdError:
         pass
+    ref = ImageRef(name, image_id)
     rep.enter("done", message=f"stored {ref}", bytes_done=read_total, bytes_total=read_total,
               blocks_done=len(todo), blocks_total=len(todo))
-    return RepoImage(name, image_id, vsize, nchunks, parent, dict(stats), dict(nbytes), seconds,
-                     digest.hex(), resumed)
-
-
-_ = ZERO_ID, ids_as_keys
+    return RepoImage(name, image_id, vsize, plan.nchunks, plan.parent, dict(sink.stats),
+                     dict(sink.nbytes), seconds, digest.hex(), bool(stored_before))

@@ -48,9 +48,9 @@ _MANIFEST_VERSION = 1
 DIRECTORY_LIMITS = SegmentLimits(1, 1 << 40, 10_000_000)
 
 
-def _atomic_write(path: Path, data: Buffer, fsync: bool) -> None:
+def _atomic_write(path: Path, data: Buffer, durable: bool) -> None:
     # through vhdcore._io, so that tests can inject faults here too
-    _io.atomic_write(str(path), data, durable=fsync)
+    _io.atomic_write(str(path), data, durable=durable)
 
 
 class DirectoryStore(Store):
@@ -58,7 +58,7 @@ class DirectoryStore(Store):
     exist, except that :meth:`prepare_write` (which the imaging job calls)
     creates it with its parents, like ``mkdir -p``.
 
-    ``fsync=False`` skips flushing to disk (faster, not crash-safe; for tests
+    ``durable=False`` skips flushing to stable storage (faster, not crash-safe; for tests
     and benchmarks).
     """
 
@@ -69,7 +69,7 @@ class DirectoryStore(Store):
         directory: str | os.PathLike[str],
         name: str,
         *,
-        fsync: bool = True,
+        durable: bool = True,
         retry: RetryPolicy | None = None,
         url: str | None = None,
     ) -> None:
@@ -77,7 +77,7 @@ class DirectoryStore(Store):
         if not name or "/" in name or name in (".", ".."):
             raise StoreError(f"invalid image name {name!r} in directory {self.directory}")
         self.name = name
-        self.fsync = fsync
+        self.durable = durable
         self.segments_dir = self.directory / f"{name}.segments"
         self.manifest_path = self.directory / f"{name}.manifest.json"
         self._mkdir_lock = threading.Lock()
@@ -155,14 +155,14 @@ class DirectoryStore(Store):
             with self._mkdir_lock:
                 # every directory on a segment's path survives a power cut
                 # (a new generation's must, once the manifest names it)
-                _io.make_dirs(str(path.parent), durable=self.fsync)
+                _io.make_dirs(str(path.parent), durable=self.durable)
             record = path.with_name(path.name + ".md5")
             try:
                 record.unlink()
             except FileNotFoundError:
                 pass
-            _atomic_write(path, data, self.fsync)
-            _atomic_write(record, f"{md5_hex} {len(data)}\n".encode(), self.fsync)
+            _atomic_write(path, data, self.durable)
+            _atomic_write(record, f"{md5_hex} {len(data)}\n".encode(), self.durable)
         except OSError as exc:
             raise UploadError(f"{self.describe()}: writing segment {index} to {path} failed: {exc}") from exc
         return md5_hex
@@ -259,7 +259,7 @@ class DirectoryStore(Store):
         for entry in os.listdir(self.directory):
             if entry.startswith(prefix) and entry.endswith(".tmp"):
                 removed += self._unlink(self.directory / entry)
-        if removed and self.fsync:
+        if removed and self.durable:
             _io.fsync_dir(str(self.segments_dir))
         return removed
 

@@ -182,24 +182,12 @@ def restore(
     own = isinstance(url, str)
     store = open_store(url, **(options or {})) if isinstance(url, str) else url
     tmp_vhd: str | None = None
-    tmp_raw: str | None = None
     try:
         manifest = store.get_manifest()
         check_image_manifest(store, manifest)
         out_dir = os.path.dirname(os.path.abspath(out_path))
         fd, tmp_vhd = _io.create_temp(out_dir, f".{out_path.name}.", ".partial")
-        pos = 0
-
-        def write(raw: bytes) -> None:
-            nonlocal pos
-            _io.pwrite_all(fd, raw, pos)
-            pos += len(raw)
-
-        try:
-            _download(store, manifest, concurrency, write, progress)
-            _io.fsync(fd)
-        finally:
-            os.close(fd)
+        _download_to(fd, store, manifest, concurrency, progress)
         if not overwrite and os.path.lexists(out_path):
             raise OutputExistsError(f"{out_path} appeared while restoring; it was left alone")
         if format == "vhd":
@@ -207,19 +195,46 @@ def restore(
             tmp_vhd = None
             _io.fsync_dir(out_dir)
         else:
-            try:
-                from ..disk import vhd_to_raw
-            except ImportError as exc:
-                raise StoreError("raw restore needs vhdcore.disk.vhd_to_raw, which this build lacks") from exc
-            fd, tmp_raw = _io.create_temp(out_dir, f".{out_path.name}.", ".raw-partial")
-            os.close(fd)
-            vhd_to_raw(tmp_vhd, tmp_raw)
-            _io.replace(tmp_raw, os.fspath(out_path))
-            tmp_raw = None
-            _io.fsync_dir(out_dir)
+            _install_raw(tmp_vhd, out_path, out_dir)
         return manifest
     finally:
         _remove(tmp_vhd)
-        _remove(tmp_raw)
         if own:
             store.close()
+
+
+def _download_to(fd: int, store: Store, manifest: Manifest, concurrency: int,
+                 progress: RestoreProgress | None) -> None:
+    """Write the image's stream into ``fd`` from its start, make it durable and
+    close ``fd``."""
+    pos = 0
+
+    def write(raw: bytes) -> None:
+        nonlocal pos
+        _io.pwrite_all(fd, raw, pos)
+        pos += len(raw)
+
+    try:
+        _download(store, manifest, concurrency, write, progress)
+        _io.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _install_raw(tmp_vhd: str, out_path: Path, out_dir: str) -> None:
+    """Convert the downloaded VHD to a raw disk under a temporary name and
+    rename it to ``out_path``."""
+    try:
+        from ..disk import vhd_to_raw
+    except ImportError as exc:
+        raise StoreError("raw restore needs vhdcore.disk.vhd_to_raw, which this build lacks") from exc
+    tmp_raw: str | None = None
+    try:
+        fd, tmp_raw = _io.create_temp(out_dir, f".{out_path.name}.", ".raw-partial")
+        os.close(fd)
+        vhd_to_raw(tmp_vhd, tmp_raw)
+        _io.replace(tmp_raw, os.fspath(out_path))
+        tmp_raw = None
+        _io.fsync_dir(out_dir)
+    finally:
+        _remove(tmp_raw)

@@ -26,7 +26,6 @@ only where required (S3-compatible servers reject the newer CRC trailers).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import threading
@@ -37,54 +36,24 @@ from typing import Any
 from .._version import __version__
 from ..errors import StoreAuthError, StoreError, StoreNotFoundError, UploadError, VhdError
 from .base import (
-    GiB,
-    MiB,
-    Buffer,
-    ImageEntry,
-    Manifest,
-    SegmentInfo,
-    SegmentLimits,
-    Store,
-    check_metadata,
-    decode_meta_value,
-    encode_meta_value,
-    _GENERATION_RE,
-    md5_base64,
+    GiB, MiB, Buffer, ImageEntry, Manifest, SegmentInfo, SegmentLimits, Store, check_metadata, _GENERATION_RE, md5_base64)
+from .retry import RetryPolicy
+from .s3_client import (
+    AUTH_CODES,
+    NOT_FOUND_CODES,
+    is_transient_s3,
+    multipart_etag,
+    new_s3_client,
+    s3_error_code,
 )
-from .retry import RetryPolicy, is_transient_status
+from .s3_record import RECORD_SUFFIX, decode_record, encode_record
 
-__all__ = ["S3Store", "AWS_S3_LIMITS"]
+__all__ = ["S3Store", "AWS_S3_LIMITS", "multipart_etag"]
 
 #: AWS S3's multipart limits
 AWS_S3_LIMITS = SegmentLimits(5 * MiB, 5 * GiB, 10_000)
-_RECORD_SUFFIX = ".vhdcore.json"
-_RECORD_FORMAT = "vhdcore-s3-manifest"
 _GENERATION_INFIX = ".vhdcore-"
 _CONTENT_TYPE = "application/x-lz4"
-_AUTH_CODES = {
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "AccessDenied",
-    "InvalidToken",
-    "ExpiredToken",
-    "InvalidClientTokenId",
-    "AuthorizationHeaderMalformed",
-}
-_NOT_FOUND_CODES = {"NoSuchBucket", "NoSuchKey", "NoSuchUpload", "404", "NotFound"}
-_TRANSIENT_CODES = {
-    "SlowDown",
-    "RequestTimeout",
-    "InternalError",
-    "ServiceUnavailable",
-    "RequestTimeTooSkewed",
-}
-
-
-def multipart_etag(part_etags: list[str]) -> str:
-    """The ETag S3 gives an object completed from parts with these MD5s (hex),
-    in order: the MD5 of their binary digests, then ``-`` and their count."""
-    joined = b"".join(bytes.fromhex(e) for e in part_etags)
-    return f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(part_etags)}"
 
 
 class S3Store(Store):
@@ -113,39 +82,18 @@ class S3Store(Store):
         env: Mapping[str, str] | None = None,
         url: str | None = None,
     ) -> None:
-        try:
-            import boto3
-            from botocore.config import Config
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise StoreError(
-                "s3:// targets need boto3, which is not installed: pip install 'vhdcore[s3]'"
-            ) from exc
         if not bucket or not key:
             raise StoreError(f"s3 URL needs a bucket and a key, got bucket={bucket!r} key={key!r}")
         super().__init__(url or f"s3://{bucket}/{key}", retry)
         env = os.environ if env is None else env
         self.bucket = bucket
         self.key = key
-        self.record_key = key + _RECORD_SUFFIX
-        self.endpoint_url = (
-            endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
-        )
+        self.record_key = key + RECORD_SUFFIX
         self._max_parts = max_parts
-        config = Config(
-            s3={"addressing_style": "path"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            retries={"max_attempts": 1, "mode": "standard"},
-            connect_timeout=min(timeout, 20.0),
-            read_timeout=timeout,
-            max_pool_connections=max_connections,
-        )
-        session = boto3.session.Session(
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            region_name=region or env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1",
-        )
-        self._client = session.client("s3", endpoint_url=self.endpoint_url, config=config)
+        self._client, self.endpoint_url = new_s3_client(
+            endpoint_url, env, access_key=access_key, secret_key=secret_key, region=region,
+            timeout=timeout, max_connections=max_connections,
+            missing="s3:// targets need boto3, which is not installed: pip install 'vhdcore[s3]'")
         self._lock = threading.Lock()
         self._upload_id: str | None = None
         self._bucket_checked = False
@@ -168,28 +116,10 @@ class S3Store(Store):
         return f"s3://{self.bucket}/{self.key}"
 
     # -- errors ---------------------------------------------------------------
-    @staticmethod
-    def _error_code(exc: BaseException) -> tuple[str, int | None]:
-        response = getattr(exc, "response", None) or {}
-        code = str((response.get("Error") or {}).get("Code", ""))
-        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-        return code, status
+    _error_code = staticmethod(s3_error_code)
 
     def _is_transient(self, exc: BaseException) -> bool:
-        from botocore.exceptions import (
-            ClientError,
-            ConnectionError as BotoConnectionError,
-            HTTPClientError,
-            ReadTimeoutError,
-            ResponseStreamingError,
-        )
-
-        if isinstance(exc, ClientError):
-            code, status = self._error_code(exc)
-            return code in _TRANSIENT_CODES or is_transient_status(status)
-        if isinstance(exc, (BotoConnectionError, HTTPClientError, ReadTimeoutError, ResponseStreamingError)):
-            return "certificate verify" not in str(exc)
-        return isinstance(exc, (ConnectionError, TimeoutError))
+        return is_transient_s3(exc)
 
     def _translate(self, exc: BaseException, what: str, upload: bool) -> VhdError:
         from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
@@ -201,11 +131,11 @@ class S3Store(Store):
             )
         if isinstance(exc, ClientError):
             code, status = self._error_code(exc)
-            if code in _AUTH_CODES or status in (401, 403):
+            if code in AUTH_CODES or status in (401, 403):
                 return StoreAuthError(
                     f"{where}: {what}: credentials rejected by {self.endpoint_url or 'AWS'} ({code}, HTTP {status})"
                 )
-            if code in _NOT_FOUND_CODES or status == 404:
+            if code in NOT_FOUND_CODES or status == 404:
                 return StoreNotFoundError(f"{where}: {what}: not found ({code or 'HTTP 404'})")
             msg = f"{where}: {what} failed: {code} (HTTP {status}): {exc}"
         else:
@@ -240,9 +170,9 @@ class S3Store(Store):
                 break
             kwargs["ContinuationToken"] = resp.get("NextContinuationToken")
         for key, obj in objects.items():
-            if not key.endswith(_RECORD_SUFFIX) or key[: -len(_RECORD_SUFFIX)] not in objects:
+            if not key.endswith(RECORD_SUFFIX) or key[: -len(RECORD_SUFFIX)] not in objects:
                 continue
-            name = key[: -len(_RECORD_SUFFIX)]
+            name = key[: -len(RECORD_SUFFIX)]
             img = S3Store.__new__(S3Store)
             img.__dict__.update(self.__dict__)
             img.key, img.record_key, img.url = name, key, f"s3://{self.bucket}/{name}"
@@ -268,7 +198,7 @@ class S3Store(Store):
                 continue
             img = S3Store.__new__(S3Store)
             img.__dict__.update(self.__dict__)
-            img.key, img.record_key, img.url = name, name + _RECORD_SUFFIX, f"s3://{self.bucket}/{name}"
+            img.key, img.record_key, img.url = name, name + RECORD_SUFFIX, f"s3://{self.bucket}/{name}"
             img._upload_id = str(upload["UploadId"])
             segs = img.list_segments()
             initiated = upload.get("Initiated")
@@ -442,14 +372,7 @@ class S3Store(Store):
                 ) from None
         with self._lock:
             self._upload_id = None
-        record = {
-            "format": _RECORD_FORMAT,
-            "version": 1,
-            "generation": self.generation,
-            "metadata": {k: encode_meta_value(v) for k, v in meta.items()},
-            "segments": [[s.index, s.size, s.etag] for s in segments],
-        }
-        body = json.dumps(record).encode()
+        body = encode_record(self.generation, meta, segments)
         self._call(
             "writing the manifest record",
             lambda: self._client.put_object(
@@ -479,14 +402,7 @@ class S3Store(Store):
                 f"{self.describe()} is not a vhdcore image: it has no {self.record_key!r} manifest record"
             ) from None
         try:
-            record = json.loads(raw)
-            if record.get("format") != _RECORD_FORMAT:
-                raise ValueError("unknown format")
-            segments = [SegmentInfo(int(i), int(n), str(e)) for i, n, e in record["segments"]]
-            metadata = {str(k): decode_meta_value(str(v)) for k, v in record["metadata"].items()}
-            generation = record.get("generation", "")
-            if not isinstance(generation, str) or not _GENERATION_RE.match(generation):
-                raise ValueError(f"bad generation {generation!r}")
+            segments, metadata, generation = decode_record(raw)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StoreError(
                 f"{self.describe()}: damaged manifest record {self.record_key!r} ({exc})"

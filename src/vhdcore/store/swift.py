@@ -10,17 +10,7 @@ again); the image metadata rides on it as ``X-Object-Meta-Vhdcore-*``
 headers.  A GET of ``swift://container/name`` therefore returns the whole
 compressed stream, which ``lz4 -d`` decompresses.
 
-Credentials, first match wins:
-
-1. options ``auth_url``/``user``/``key`` (with ``auth_version``,
-   ``tenant_name``, ``os_options``), and/or ``storage_url`` + ``auth_token``;
-2. ``OS_STORAGE_URL`` + ``OS_AUTH_TOKEN`` (a token you already have) --
-   combined with the settings below, if present, to re-authenticate;
-3. ``ST_AUTH``/``ST_USER``/``ST_KEY`` (v1 auth, ``ST_AUTH_VERSION``), e.g.
-   tempauth or Rackspace's ``.../v1.0`` identity endpoint;
-4. ``OS_AUTH_URL``/``OS_USERNAME``/``OS_PASSWORD`` with ``OS_PROJECT_NAME``
-   (or ``OS_TENANT_NAME``), ``OS_*_DOMAIN_NAME``, ``OS_REGION_NAME``... for
-   Keystone v2/v3 (``OS_IDENTITY_API_VERSION``; needs python-keystoneclient).
+Credentials: see :mod:`vhdcore.store.swift_client`.
 
 Requests are retried by :mod:`vhdcore.store.retry` (swiftclient's own retries
 are off; it still re-authenticates once when a token expires).
@@ -34,136 +24,29 @@ import json
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import StoreAuthError, StoreError, StoreNotFoundError, UploadError, VhdError
 from .base import (
-    GiB,
-    Buffer,
-    ImageEntry,
-    Manifest,
-    SegmentInfo,
-    SegmentLimits,
-    Store,
-    check_metadata,
-    decode_meta_value,
-    encode_meta_value,
-    is_vhdcore_metadata,
-)
+    Buffer, ImageEntry, Manifest, SegmentInfo, SegmentLimits, Store, check_metadata, decode_meta_value, encode_meta_value, is_vhdcore_metadata)
 from .retry import RetryPolicy, is_transient_status
+from .swift_client import (
+    DEFAULT_SWIFT_LIMITS,
+    LISTING_PAGE,
+    drop_connection,
+    iter_listing,
+    limits_from_info,
+    swift_auth_options,
+    swift_time,
+)
 
 __all__ = ["SwiftStore", "swift_auth_options", "DEFAULT_SWIFT_LIMITS"]
 
-#: Swift's defaults, used when ``GET /info`` does not answer
-DEFAULT_SWIFT_LIMITS = SegmentLimits(1, 5 * GiB, 1000)
-_DEFAULT_MAX_MANIFEST_SIZE = 8 * 1024 * 1024
 _META_PREFIX = "x-object-meta-vhdcore-"
 _CONTENT_TYPE = "application/x-lz4"
 #: a segment object's name after ``<name>/``: ``00000000`` or ``g<hex>/00000000``
 _SEGMENT_REST_RE = re.compile(r"^(?:(g[0-9a-f]{12})/)?(\d{8})$")
-
-
-def _env(env: Mapping[str, str], *names: str) -> str | None:
-    for name in names:
-        value = env.get(name)
-        if value:
-            return value
-    return None
-
-
-def swift_auth_options(options: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """swiftclient ``Connection`` keyword arguments from explicit options or the environment."""
-    storage_url = options.get("storage_url") or _env(env, "OS_STORAGE_URL")
-    auth_token = options.get("auth_token") or _env(env, "OS_AUTH_TOKEN")
-    kw: dict[str, Any] = {}
-    if options.get("auth_url"):
-        auth_url = options["auth_url"]
-        kw.update(authurl=auth_url, user=options.get("user"), key=options.get("key"))
-        version = options.get("auth_version")
-        if version is None:
-            version = "3" if "/v3" in auth_url else "2.0" if "/v2" in auth_url else "1.0"
-        kw["auth_version"] = str(version)
-        if options.get("tenant_name"):
-            kw["tenant_name"] = options["tenant_name"]
-        if options.get("os_options"):
-            kw["os_options"] = dict(options["os_options"])
-    elif _env(env, "ST_AUTH"):
-        kw.update(
-            authurl=env["ST_AUTH"],
-            user=_env(env, "ST_USER"),
-            key=_env(env, "ST_KEY"),
-            auth_version=_env(env, "ST_AUTH_VERSION") or "1.0",
-        )
-    elif _env(env, "OS_AUTH_URL"):
-        auth_url = env["OS_AUTH_URL"]
-        version = _env(env, "OS_IDENTITY_API_VERSION", "OS_AUTH_VERSION")
-        if version is None:
-            version = "3" if "/v3" in auth_url else "2.0"
-        os_options = {
-            "tenant_name": _env(env, "OS_PROJECT_NAME", "OS_TENANT_NAME"),
-            "project_name": _env(env, "OS_PROJECT_NAME", "OS_TENANT_NAME"),
-            "tenant_id": _env(env, "OS_PROJECT_ID", "OS_TENANT_ID"),
-            "project_id": _env(env, "OS_PROJECT_ID", "OS_TENANT_ID"),
-            "user_domain_name": _env(env, "OS_USER_DOMAIN_NAME"),
-            "user_domain_id": _env(env, "OS_USER_DOMAIN_ID"),
-            "project_domain_name": _env(env, "OS_PROJECT_DOMAIN_NAME"),
-            "project_domain_id": _env(env, "OS_PROJECT_DOMAIN_ID"),
-            "region_name": _env(env, "OS_REGION_NAME"),
-            "endpoint_type": _env(env, "OS_ENDPOINT_TYPE", "OS_INTERFACE"),
-            "service_type": _env(env, "OS_SERVICE_TYPE"),
-        }
-        kw.update(
-            authurl=auth_url,
-            user=_env(env, "OS_USERNAME"),
-            key=_env(env, "OS_PASSWORD"),
-            auth_version=str(version),
-            os_options={k: v for k, v in os_options.items() if v},
-        )
-    if storage_url and auth_token:
-        kw.update(preauthurl=storage_url, preauthtoken=auth_token)
-    elif "authurl" not in kw:
-        raise StoreAuthError(
-            "no Swift credentials: pass auth_url/user/key or storage_url/auth_token, or set "
-            "ST_AUTH/ST_USER/ST_KEY, OS_AUTH_URL/OS_USERNAME/OS_PASSWORD/OS_PROJECT_NAME, or "
-            "OS_STORAGE_URL and OS_AUTH_TOKEN"
-        )
-    elif not kw.get("user") or not kw.get("key"):
-        raise StoreAuthError(f"Swift auth URL {kw['authurl']} given without a user and key")
-    for name in ("cacert", "insecure"):
-        if options.get(name) is not None:
-            kw[name] = options[name]
-    return kw
-
-
-#: objects asked for per page of a container listing
-LISTING_PAGE = 10000
-
-
-def iter_listing(page: Callable[[str], list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
-    """Every object of a container listing, a page at a time: ``page(marker)``
-    returns the objects after ``marker`` (at most :data:`LISTING_PAGE`), an
-    empty list at the end.  The one listing loop of the Swift store and the
-    repository's Swift backend."""
-    marker = ""
-    while True:
-        objs = page(marker)
-        if not objs:
-            return
-        yield from objs
-        marker = str(objs[-1]["name"])
-
-
-def drop_connection(local: threading.local) -> None:
-    """Close this thread's connection (``local.conn``) after a failed call,
-    so that the retry opens a fresh one."""
-    conn = getattr(local, "conn", None)
-    if conn is not None:
-        try:
-            conn.close()
-        except Exception:
-            pass
-        conn.http_conn = None
 
 
 class SwiftStore(Store):
@@ -341,7 +224,7 @@ class SwiftStore(Store):
             vs = man.metadata.get("virtual-size")
             found[name] = ImageEntry(
                 name, img.url, man.compressed_size, len(man.segments),
-                _swift_time(item.get("last_modified")), True, int(vs) if vs and vs.isdigit() else None,
+                swift_time(item.get("last_modified")), True, int(vs) if vs and vs.isdigit() else None,
             )
         try:
             segs = self._listing(f"listing container {self.segment_container!r}",
@@ -354,7 +237,7 @@ class SwiftStore(Store):
             if name and len(tail) == 8 and tail.isdigit() and name not in found:
                 partial.setdefault(name, []).append(item)
         for name, items in partial.items():
-            times = [t for t in (_swift_time(i.get("last_modified")) for i in items) if t is not None]
+            times = [t for t in (swift_time(i.get("last_modified")) for i in items) if t is not None]
             found[name] = ImageEntry(
                 name, f"swift://{self.container}/{name}", sum(int(i.get("bytes", 0)) for i in items),
                 len(items), max(times) if times else None, False,
@@ -386,35 +269,14 @@ class SwiftStore(Store):
     def segment_limits(self) -> SegmentLimits:
         if self._limits is not None:
             return self._limits
-        limits = DEFAULT_SWIFT_LIMITS
         try:
             info = self._call("reading cluster capabilities (GET /info)", self._get_info)
         except StoreAuthError:
             raise
         except StoreError:
             info = {}
-        slo = info.get("slo") or {}
-        swift = info.get("swift") or {}
-        max_segments = int(slo.get("max_manifest_segments", limits.max_segments))
-        max_manifest = int(slo.get("max_manifest_size", _DEFAULT_MAX_MANIFEST_SIZE))
-        entry = (
-            len(
-                json.dumps(
-                    {
-                        "path": f"/{self.segment_container}/{self.name}/00000000",
-                        "etag": "0" * 32,
-                        "size_bytes": 10**12,
-                    }
-                )
-            )
-            + 2
-        )
-        max_segments = min(max_segments, max_manifest // entry)
-        self._limits = SegmentLimits(
-            int(slo.get("min_segment_size", limits.min_segment_size)),
-            int(swift.get("max_file_size", limits.max_segment_size)),
-            max_segments,
-        )
+        segment = f"/{self.segment_container}/{self.name}/00000000"
+        self._limits = limits_from_info(info, segment)
         return self._limits
 
     def _get_info(self) -> dict[str, Any]:
@@ -621,15 +483,3 @@ class SwiftStore(Store):
                 pass
         self._local = threading.local()
 
-
-def _swift_time(value: Any) -> float | None:
-    """A container listing's ``last_modified`` (ISO 8601, UTC) as POSIX seconds."""
-    import datetime
-
-    if not value:
-        return None
-    try:
-        dt = datetime.datetime.fromisoformat(str(value).rstrip("Z"))
-    except ValueError:
-        return None
-    return dt.replace(tzinfo=datetime.timezone.utc).timestamp()
