@@ -41,7 +41,8 @@ FORMATS = ("vhd", "fixed", "raw")
 
 @dataclass
 class FlattenResult:
-    """What :func:`flatten` (or :func:`compact`) wrote.
+    """What :func:`~vhdcore.ops.flatten.flatten` (or
+    :func:`~vhdcore.ops.compact.compact`) wrote.
 
     ``path`` and ``format`` (``"vhd"``, ``"fixed"`` or ``"raw"``) of the
     output; the disk's ``virtual_size`` in bytes; ``blocks_stored``, the

@@ -91,7 +91,8 @@ def _apply_free(bitmap: memoryview, nsectors: int, free: bytes) -> None:
 
 def iter_image_blocks(chain: BlockSource, *, threads: int = 2,
                       blocks: Iterable[int] | None = None, free_map: FreeMap | None = None,
-                      window: int | None = None, elide_zero: bool = True, prefetch: int = 0) -> Iterator[ImageBlock]:
+                      window: int | None = None, elide_zero: bool = True,
+                      prefetch: int = 0) -> Iterator[ImageBlock]:
     """Merge the chain's blocks in parallel threads, in block order, and yield
     those that carry data.  With ``elide_zero`` every all-zero sector's bit is
     cleared, so a block reads back the same with fewer sectors stored; a block
