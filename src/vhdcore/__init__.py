@@ -37,8 +37,12 @@ from .kernels import backend
 if TYPE_CHECKING:
     from .chain import Chain
     from .check import Problem, check_chain, check_file
-    from .coalesce import (CoalesceResult, FlattenResult, RelinkResult, compact, flatten, relink,
-                           repair)
+    from .ops.coalesce import CoalesceResult
+    from .ops.compact import compact
+    from .ops.flatten import flatten
+    from .ops.flatwrite import FlattenResult
+    from .ops.relink import RelinkResult, relink
+    from .ops.repair import repair
     from .disk import VhdFile, create_differencing, create_dynamic, create_fixed
     from .fsmap import DiskMap, map_disk
     from .imaging import ImageResult, ProgressEvent, create_image
@@ -54,13 +58,13 @@ _LAZY: dict[str, tuple[str, str]] = {
     "Problem": ("check", "Problem"),
     "check_file": ("check", "check_file"),
     "check_chain": ("check", "check_chain"),
-    "flatten": ("coalesce", "flatten"),
-    "relink": ("coalesce", "relink"),
-    "RelinkResult": ("coalesce", "RelinkResult"),
-    "compact": ("coalesce", "compact"),
-    "repair": ("coalesce", "repair"),
-    "FlattenResult": ("coalesce", "FlattenResult"),
-    "CoalesceResult": ("coalesce", "CoalesceResult"),
+    "flatten": ("ops.flatten", "flatten"),
+    "relink": ("ops.relink", "relink"),
+    "RelinkResult": ("ops.relink", "RelinkResult"),
+    "compact": ("ops.compact", "compact"),
+    "repair": ("ops.repair", "repair"),
+    "FlattenResult": ("ops.flatwrite", "FlattenResult"),
+    "CoalesceResult": ("ops.coalesce", "CoalesceResult"),
     "VhdFile": ("disk", "VhdFile"),
     "create_fixed": ("disk", "create_fixed"),
     "create_dynamic": ("disk", "create_dynamic"),

@@ -34,7 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from .coalesce import _new_block_stride, _reserve_fresh, coalesce, relink
+from .ops.coalesce import coalesce
+from .ops.coalesce_block import _new_block_stride, _reserve_fresh
+from .ops.relink import relink
 from .disk import VhdFile, create_differencing, create_dynamic
 from .format import SECTOR
 

@@ -56,7 +56,9 @@ from . import _merge_py, kernels
 from ._version import __version__
 from ._workloads import Workload, make_chain
 from .chain import Chain, aligned_buffer
-from .coalesce import coalesce, flatten, iter_image_blocks
+from .ops.coalesce import coalesce
+from .ops.flatten import flatten
+from .ops.stream import iter_image_blocks
 from .vhd.layout import DynamicLayout
 from .compress import FrameCompressor, compress_frame
 from .format import SECTOR

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from . import _io, kernels
+from ._util import aligned_buffer
 from .disk import PathLike, VhdFile
 from .errors import (
     ChainCycleError,
@@ -39,12 +40,6 @@ __all__ = ["Chain", "DEFAULT_MAX_DEPTH", "resolve_parent", "aligned_buffer"]
 
 DEFAULT_MAX_DEPTH = 256
 _WIN_ABS = re.compile(r"^[A-Za-z]:[\\/]|^[\\/]{2}")
-
-
-def aligned_buffer(nbytes: int) -> memoryview:
-    """A zeroed, page-aligned writable buffer (page-cache copies into a
-    page-aligned buffer run about twice as fast as into a bytearray)."""
-    return memoryview(mmap.mmap(-1, max(nbytes, 1)))[:nbytes]
 
 
 def _within(real: str, roots: Sequence[str]) -> bool:
@@ -501,7 +496,7 @@ class Chain:
     def iter_raw(self, chunk: int | None = None) -> Iterable[memoryview]:
         """The whole virtual disk as a sequence of views of one reused buffer
         (copy each before the next is produced)."""
-        from .coalesce import PREFETCH_BLOCKS, _Prefetcher
+        from .ops.stream import PREFETCH_BLOCKS, _Prefetcher
 
         chunk = chunk or self.block_size
         chunk = max(self.block_size, chunk // self.block_size * self.block_size)
@@ -527,9 +522,9 @@ class Chain:
     def copy_to_raw(self, path: PathLike, *, threads: int = 2) -> int:
         """Write the virtual disk as a raw file (``path + ".part"``, fsynced,
         renamed, the directory fsynced), leaving holes for zero pages: the
-        raw output of :func:`vhdcore.coalesce.write_flat`.  Returns the
+        raw output of :func:`vhdcore.ops.flatwrite.write_flat`.  Returns the
         virtual size."""
-        from .coalesce import write_flat
+        from .ops.flatwrite import write_flat
 
         write_flat(self, os.fspath(path), "raw", threads=threads)
         return self.virtual_size

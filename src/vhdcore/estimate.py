@@ -14,7 +14,8 @@ import time
 from typing import Any
 
 from .chain import Chain
-from .coalesce import FreeMap, fs_free_map, iter_image_blocks
+from .fsmap import fs_free_map
+from .ops.stream import FreeMap, iter_image_blocks
 from .vhd.layout import DynamicLayout
 from .compress import compress_frame
 from .disk import PathLike

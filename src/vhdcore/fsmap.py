@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,7 +33,10 @@ from ._fs.common import SECTOR, DiskReader, FsResult, FsUnsafe, PartReader, Prob
 from ._fs.partitions import PartEntry, scan
 from .errors import VhdError
 
-__all__ = ["SECTOR_SIZE", "DiskMap", "PartitionInfo", "map_disk"]
+if TYPE_CHECKING:
+    from .chain import Chain
+
+__all__ = ["SECTOR_SIZE", "DiskMap", "FsFreeMap", "PartitionInfo", "fs_free_map", "map_disk"]
 
 SECTOR_SIZE = SECTOR
 _PROBES = (xfs.probe, ext.probe, ntfs.probe, swap.probe)
@@ -337,3 +340,30 @@ def map_disk(
         _starts=np.ascontiguousarray(starts, dtype=np.int64),
         _ends=np.ascontiguousarray(ends, dtype=np.int64),
     )
+
+
+class FsFreeMap:
+    """A :class:`DiskMap` seen block by block: the free-space map the block
+    stream takes (:data:`vhdcore.ops.stream.FreeMap`).  Blocks that are
+    entirely free are never read (``skip_blocks``); in partly free blocks the
+    free sectors are dropped from the bitmap and zeroed (the call returns
+    their bitmap, :meth:`DiskMap.free_bitmap_for_block`)."""
+
+    def __init__(self, disk_map: DiskMap, block_size: int) -> None:
+        self.disk_map = disk_map
+        self.block_size = block_size
+        states = disk_map.block_states(block_size)
+        self.skip_blocks = set(np.nonzero(states == 2)[0].tolist())
+        self._partial = set(np.nonzero(states == 1)[0].tolist())
+
+    def __call__(self, block: int, nsectors: int) -> bytes | None:
+        if block not in self._partial:
+            return None
+        return self.disk_map.free_bitmap_for_block(block, self.block_size)
+
+
+def fs_free_map(chain: Chain) -> tuple[FsFreeMap, dict[str, Any]]:
+    """Map the free space of the filesystems on the chain's virtual disk.
+    Returns the free map and the JSON summary for metadata and reports."""
+    dmap = map_disk(lambda off, n: chain.read(off, n), chain.virtual_size)
+    return FsFreeMap(dmap, chain.block_size), dmap.to_json()

@@ -40,7 +40,7 @@ def _p_flatten(sub: Any) -> None:
 
 @COMMANDS.handler("flatten")
 def _flatten(ns: argparse.Namespace) -> int:
-    from ..coalesce import flatten
+    from ..ops.flatten import flatten
 
     with shown(display_for(ns)) as display:
         res = flatten(ns.leaf, ns.out, ns.format, threads=ns.threads,
@@ -73,7 +73,7 @@ def _p_coalesce(sub: Any) -> None:
 
 @COMMANDS.handler("coalesce")
 def _coalesce(ns: argparse.Namespace) -> int:
-    from ..coalesce import coalesce
+    from ..ops.coalesce import coalesce
 
     with shown(display_for(ns, unit="blocks")) as display:
         res = coalesce(ns.child, relink_children=ns.relink or (), siblings=ns.sibling or (),
@@ -105,7 +105,7 @@ def _p_compact(sub: Any) -> None:
 
 @COMMANDS.handler("compact")
 def _compact(ns: argparse.Namespace) -> int:
-    from ..coalesce import compact
+    from ..ops.compact import compact
 
     with shown(display_for(ns, unit="blocks")) as display:
         res = compact(ns.input, ns.out, progress=display.pair("compact"), overwrite=ns.force,
@@ -131,7 +131,7 @@ def _p_relink(sub: Any) -> None:
 
 @COMMANDS.handler("relink")
 def _relink(ns: argparse.Namespace) -> int:
-    from ..coalesce import relink
+    from ..ops.relink import relink
 
     opts = chain_options(ns)
     res = relink(ns.disk, ns.parent, allowed_dirs=opts.get("allowed_dirs"),
@@ -156,7 +156,7 @@ def _p_repair(sub: Any) -> None:
 
 @COMMANDS.handler("repair")
 def _repair(ns: argparse.Namespace) -> int:
-    from ..coalesce import repair
+    from ..ops.repair import repair
 
     if repair(ns.file):
         print(f"{ns.file}: primary footer restored from the copy at offset 0")

@@ -18,7 +18,8 @@ from typing import Any
 
 from .._version import __version__
 from ..chain import Chain
-from ..coalesce import FreeMap, fs_free_map
+from ..fsmap import fs_free_map
+from ..ops.stream import FreeMap
 from ..vhd.layout import DynamicLayout
 from ..compress import FrameCompressor, frame_bound
 from ..disk import PathLike

@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from ..chain import Chain
-from ..coalesce import FreeMap
+from ..ops.stream import FreeMap
 from ..format import SECTOR
 
 __all__ = ["BlockPlanner"]

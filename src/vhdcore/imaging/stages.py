@@ -34,7 +34,7 @@ from typing import Any
 import xxhash
 
 from ..chain import Chain
-from ..coalesce import FreeMap, iter_image_blocks
+from ..ops.stream import FreeMap, iter_image_blocks
 from ..errors import IntegrityError, JobStateError
 from ..store import SegmentPacker, SegmentUploader
 from ..store.base import SegmentInfo

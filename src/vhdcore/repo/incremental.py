@@ -15,7 +15,8 @@ import numpy as np
 import xxhash
 
 from ..chain import Chain
-from ..coalesce import FreeMap, fs_free_map
+from ..fsmap import fs_free_map
+from ..ops.stream import FreeMap
 from ..disk import VhdFile
 from ..errors import StoreNotFoundError
 from .core import ImageRef, Repository

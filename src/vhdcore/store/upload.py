@@ -38,8 +38,11 @@ __all__ = ["SegmentPacker", "SegmentUploader", "UploadStats", "pack_segments", "
 _log = logging.getLogger("vhdcore.store")
 
 #: ``progress(info, uploaded)``: called from upload threads after each segment;
-#: ``uploaded`` is False when the segment was already in the store (skipped)
-ProgressCallback = Callable[[SegmentInfo, bool], None]
+#: ``uploaded`` is False when the segment was already in the store (skipped).
+#: A per-segment notice, not the job's progress: that is
+#: ``vhdcore.imaging.events.ProgressCallback`` (called with a ``ProgressEvent``),
+#: which the imaging job derives from these notices.
+SegmentCallback = Callable[[SegmentInfo, bool], None]
 
 
 class SegmentPacker:
@@ -161,7 +164,7 @@ class SegmentUploader:
         concurrency: int = 4,
         max_pending: int | None = None,
         resume: bool = True,
-        progress: ProgressCallback | None = None,
+        progress: SegmentCallback | None = None,
         stats: UploadStats | None = None,
     ) -> None:
         if concurrency < 1:
@@ -335,7 +338,7 @@ def upload_frames(
     segment_size: int,
     metadata: Mapping[str, str],
     concurrency: int = 4,
-    progress: ProgressCallback | None = None,
+    progress: SegmentCallback | None = None,
     max_pending: int | None = None,
     resume: bool = True,
     stats: UploadStats | None = None,
