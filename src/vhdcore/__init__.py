@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from .check import Problem, check_chain, check_file
     from .coalesce import (CoalesceResult, FlattenResult, RelinkResult, compact, flatten, relink,
                            repair)
-    from .disk import VhdFile, create_differencing, create_dynamic, create_fixed
+    from .vhd.create import create_differencing, create_dynamic, create_fixed
+    from .vhd.file import VhdFile
     from .fsmap import DiskMap, map_disk
     from .imaging import ImageResult, ProgressEvent, create_image
     from .store import Manifest, open_store
@@ -61,10 +62,10 @@ _LAZY: dict[str, tuple[str, str]] = {
     "repair": ("coalesce", "repair"),
     "FlattenResult": ("coalesce", "FlattenResult"),
     "CoalesceResult": ("coalesce", "CoalesceResult"),
-    "VhdFile": ("disk", "VhdFile"),
-    "create_fixed": ("disk", "create_fixed"),
-    "create_dynamic": ("disk", "create_dynamic"),
-    "create_differencing": ("disk", "create_differencing"),
+    "VhdFile": ("vhd.file", "VhdFile"),
+    "create_fixed": ("vhd.create", "create_fixed"),
+    "create_dynamic": ("vhd.create", "create_dynamic"),
+    "create_differencing": ("vhd.create", "create_differencing"),
     "map_disk": ("fsmap", "map_disk"),
     "DiskMap": ("fsmap", "DiskMap"),
     "create_image": ("imaging", "create_image"),

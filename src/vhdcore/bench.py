@@ -59,7 +59,7 @@ from .chain import Chain, aligned_buffer
 from .coalesce import coalesce, flatten, iter_image_blocks
 from .vhd.layout import DynamicLayout
 from .compress import FrameCompressor, compress_frame
-from .format import SECTOR
+from .vhd.format import SECTOR
 
 __all__ = [
     "DEFAULT_SIZE",

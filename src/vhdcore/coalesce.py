@@ -37,7 +37,7 @@ import xxhash
 from . import _io, kernels
 from ._version import __version__
 from .chain import Chain, _drop_pages, aligned_buffer
-from .disk import PathLike, VhdFile
+from .vhd.file import PathLike, VhdFile
 from .vhd.layout import DynamicLayout
 from .errors import (
     OutputExistsError,
@@ -48,7 +48,7 @@ from .errors import (
     VhdError,
     VhdTimeoutError,
 )
-from .format import (
+from .vhd.format import (
     BAT_UNUSED,
     DISK_DIFFERENCING,
     DISK_DYNAMIC,
@@ -1629,8 +1629,8 @@ def _relink_unchecked(grandchild: PathLike, new_parent: PathLike, *,
     a crash at any point leaves the disk pointing at its old parent or at
     the new one, never at a mix.  Running it again is harmless.  Returns
     True when it wrote."""
-    from .disk import parent_locator_blobs
-    from .format import vhd_timestamp
+    from .vhd.create import parent_locator_blobs
+    from .vhd.format import vhd_timestamp
     from .errors import ParentMismatchError
 
     grandchild = os.fspath(grandchild)
@@ -1723,7 +1723,7 @@ def compact(vhd: PathLike, out: PathLike, *, threads: int = 2,
         _refuse_existing(out, overwrite)
         h = src.header
         assert h is not None and src.bat is not None
-        from .disk import parent_locator_blobs
+        from .vhd.create import parent_locator_blobs
 
         parent_path: str | None = None
         try:

@@ -17,7 +17,7 @@ from .chain import Chain
 from .coalesce import FreeMap, fs_free_map, iter_image_blocks
 from .vhd.layout import DynamicLayout
 from .compress import compress_frame
-from .disk import PathLike
+from .vhd.file import PathLike
 
 __all__ = ["estimate", "RULE_OF_THUMB_SECONDS_PER_GB"]
 

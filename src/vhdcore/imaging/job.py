@@ -21,7 +21,7 @@ from ..chain import Chain
 from ..coalesce import FreeMap, fs_free_map
 from ..vhd.layout import DynamicLayout
 from ..compress import FrameCompressor, frame_bound
-from ..disk import PathLike
+from ..vhd.file import PathLike
 from ..errors import (
     JobStateError,
     OutputExistsError,

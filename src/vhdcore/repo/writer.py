@@ -29,7 +29,7 @@ import xxhash
 from .._version import __version__
 from ..chain import Chain
 from ..coalesce import FreeMap, fs_free_map, iter_image_blocks
-from ..disk import PathLike, VhdFile
+from ..vhd.file import PathLike, VhdFile
 from ..errors import StoreNotFoundError, VhdError, VhdTimeoutError
 from .core import ImageRef, Repository, new_image_id, open_repo
 from .format import (

@@ -208,7 +208,7 @@ def restore(
             _io.fsync_dir(out_dir)
         else:
             try:
-                from ..disk import vhd_to_raw
+                from ..chain import vhd_to_raw
             except ImportError as exc:
                 raise StoreError("raw restore needs vhdcore.disk.vhd_to_raw, which this build lacks") from exc
             fd, tmp_raw = _io.create_temp(out_dir, f".{out_path.name}.", ".raw-partial")
