@@ -86,7 +86,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tests", nargs="+", default=["tests/test_powercut.py"])
     ap.add_argument("--list", action="store_true")
-    ap.add_argument("--only", help="only sites whose FILE:LINE contains this (e.g. disk.py, ops/grow.py:129)")
+    ap.add_argument("--only", help="only sites whose FILE:LINE contains this (e.g. vhd/write.py, ops/grow.py:129)")
     ap.add_argument("--timeout", type=float, default=900)
     ns = ap.parse_args()
     todo = [s for s in sites() if not ns.only or ns.only in f"{s[0]}:{s[1] + 1}"]

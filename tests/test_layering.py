@@ -30,14 +30,21 @@ LAYERS: dict[str, int] = {
     # 0: the base every layer may use
     "vhdcore.errors": 0, "vhdcore._io": 0, "vhdcore._args": 0, "vhdcore._util": 0,
     "vhdcore._version": 0,
-    # 1: the on-disk format, no I/O; the kernel, its twin and their selector
-    # (buffers only: they import nothing of vhdcore, so the file layer may use them)
-    "vhdcore.format": 1, "vhdcore.vhd": 1, "vhdcore.kernels": 1, "vhdcore._merge": 1, "vhdcore._merge_py": 1,
-    # 2: one VHD file
-    "vhdcore.disk": 2,
+    # 1: the on-disk format and the layout of new files, no I/O; the kernel, its
+    # twin and their selector (buffers only: they import nothing of vhdcore, so
+    # the file layer may use them)
+    "vhdcore.vhd": 1, "vhdcore.vhd.format": 1, "vhdcore.vhd.layout": 1,
+    "vhdcore.format": 1,  # re-exports vhd.format (the documented import path)
+    "vhdcore.kernels": 1, "vhdcore._merge": 1, "vhdcore._merge_py": 1,
+    # 2: one VHD file: read, write, create, inspect; reads through layers
+    "vhdcore.vhd.file": 2, "vhdcore.vhd.write": 2, "vhdcore.vhd.create": 2,
+    "vhdcore.vhd.inspect": 2, "vhdcore.vhd.overlay": 2,
     # 3: the chain, check; the merged block stream and the flat writer, which
     # the chain's cat -o (Chain.copy_to_raw, iter_raw) uses
     "vhdcore.chain": 3, "vhdcore.check": 3, "vhdcore.ops.stream": 3, "vhdcore.ops.flatwrite": 3,
+    # re-exports vhd.file, vhd.create, vhd.inspect and chain.vhd_to_raw (the
+    # documented import path); nothing in vhdcore imports it
+    "vhdcore.disk": 3,
     # 4: operations over a chain (vhdcore.coalesce re-exports them)
     "vhdcore.ops": 4, "vhdcore.coalesce": 4, "vhdcore.fsmap": 4, "vhdcore._fs": 4, "vhdcore.compress": 4,
     "vhdcore.estimate": 4, "vhdcore._workloads": 4,
@@ -49,16 +56,11 @@ LAYERS: dict[str, int] = {
     "vhdcore": 7,
 }
 
-#: known edges that break the rule today, each with the task that removes it.
-#: Only files frozen during phase 1 of issue 16 may appear here; the test
-#: fails on any edge that is not listed, and on a listed one that is gone
-#: (so the list only shrinks).
-ALLOWED: dict[tuple[str, str], str] = {
-    # VhdFile.read (and vhd_to_raw) build a Chain, so the file layer reaches up to
-    # the chain and the two import each other.  Phase 2 of issue 16, the split of
-    # disk.py into vhdcore/vhd/ (reader, writer, create), removes it.
-    ("vhdcore.disk", "vhdcore.chain"): "issue 16 phase 2: disk.py split into vhd/",
-}
+#: known edges that break the rule, each with the task that removes it.  The
+#: test fails on any edge that is not listed, and on a listed one that is gone
+#: (so the list only shrinks).  Empty since the format package (vhd/) and the
+#: operations (ops/) got their homes.
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 def module_name(path: Path) -> str:
@@ -188,7 +190,7 @@ def test_the_walk_sees_function_level_and_relative_imports(tmp_path: Path) -> No
     """The walk is not blind: a relative import inside a function, from a low
     layer to a high one, is an edge, an upward one and (with its way back) a cycle."""
     graph = import_graph()
-    assert "vhdcore.disk" in graph["vhdcore.chain"]  # a module-level relative import
+    assert "vhdcore.vhd.file" in graph["vhdcore.chain"]  # a module-level relative import
     tree = ast.parse("def f():\n    from .cli import main\n")
     node = next(n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom))
     assert _resolve("vhdcore.format", False, node) == "vhdcore.cli"

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from .ops.flatwrite import FlattenResult
     from .ops.relink import RelinkResult, relink
     from .ops.repair import repair
-    from .disk import VhdFile, create_differencing, create_dynamic, create_fixed
+    from .vhd.create import create_differencing, create_dynamic, create_fixed
+    from .vhd.file import VhdFile
     from .fsmap import DiskMap, map_disk
     from .imaging import ImageResult, ProgressEvent, create_image
     from .store import Manifest, open_store
@@ -65,10 +66,10 @@ _LAZY: dict[str, tuple[str, str]] = {
     "repair": ("ops.repair", "repair"),
     "FlattenResult": ("ops.flatwrite", "FlattenResult"),
     "CoalesceResult": ("ops.coalesce", "CoalesceResult"),
-    "VhdFile": ("disk", "VhdFile"),
-    "create_fixed": ("disk", "create_fixed"),
-    "create_dynamic": ("disk", "create_dynamic"),
-    "create_differencing": ("disk", "create_differencing"),
+    "VhdFile": ("vhd.file", "VhdFile"),
+    "create_fixed": ("vhd.create", "create_fixed"),
+    "create_dynamic": ("vhd.create", "create_dynamic"),
+    "create_differencing": ("vhd.create", "create_differencing"),
     "map_disk": ("fsmap", "map_disk"),
     "DiskMap": ("fsmap", "DiskMap"),
     "create_image": ("imaging", "create_image"),

@@ -37,8 +37,9 @@ import numpy as np
 from .ops.coalesce import coalesce
 from .ops.coalesce_block import _new_block_stride, _reserve_fresh
 from .ops.relink import relink
-from .disk import VhdFile, create_differencing, create_dynamic
-from .format import SECTOR
+from .vhd.create import create_differencing, create_dynamic
+from .vhd.file import VhdFile
+from .vhd.format import SECTOR
 
 __all__ = ["PEER_KINDS", "PEER_TARGETS", "PeerRun", "compare", "sparse_copy", "make_peer_pair", "run_side", "vhd_util_path",
            "can_drop_caches"]

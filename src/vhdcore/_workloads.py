@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .disk import VhdFile, create_differencing, create_dynamic
-from .format import SECTOR
+from .vhd.create import create_differencing, create_dynamic
+from .vhd.file import VhdFile
+from .vhd.format import SECTOR
 
 __all__ = ["Workload", "make_chain", "realistic_block", "KINDS"]
 

@@ -61,7 +61,7 @@ from .ops.flatten import flatten
 from .ops.stream import iter_image_blocks
 from .vhd.layout import DynamicLayout
 from .compress import FrameCompressor, compress_frame
-from .format import SECTOR
+from .vhd.format import SECTOR
 
 __all__ = [
     "DEFAULT_SIZE",

@@ -1,6 +1,6 @@
 """Differencing chains: resolve parents safely, validate, read through.
 
-A chain is a list of open :class:`~vhdcore.disk.VhdFile` from the leaf (the
+A chain is a list of open :class:`~vhdcore.vhd.file.VhdFile` from the leaf (the
 newest differencing disk) to the base (a fixed or dynamic disk).  Parent
 paths come from the child's parent locators (``W2ru``, ``W2ku``, ``MacX``)
 and its header's parent name, resolved relative to the child's directory.
@@ -25,7 +25,6 @@ import numpy as np
 
 from . import _io, kernels
 from ._util import aligned_buffer
-from .disk import PathLike, VhdFile
 from .errors import (
     ChainCycleError,
     ChainDepthError,
@@ -34,9 +33,11 @@ from .errors import (
     ParentNotFoundError,
     VhdError,
 )
-from .format import DEFAULT_BLOCK_SIZE, SECTOR, bitmap_size_for
+from .vhd.file import PathLike, VhdFile
+from .vhd.format import DEFAULT_BLOCK_SIZE, SECTOR, bitmap_size_for
+from .vhd.overlay import merge_layers, read_blocks_into
 
-__all__ = ["Chain", "DEFAULT_MAX_DEPTH", "resolve_parent", "aligned_buffer"]
+__all__ = ["Chain", "DEFAULT_MAX_DEPTH", "aligned_buffer", "vhd_to_raw"]
 
 DEFAULT_MAX_DEPTH = 256
 _WIN_ABS = re.compile(r"^[A-Za-z]:[\\/]|^[\\/]{2}")
@@ -187,16 +188,6 @@ def _find_parent(child: VhdFile, *, allowed_dirs: Sequence[str], allow_absolute:
     raise ParentNotFoundError(
         f"{child.path}: parent not found; tried " + ("; ".join(tried) if tried else "no locator")
     )
-
-
-def resolve_parent(child: VhdFile, *, allowed_dirs: Sequence[str], allow_absolute: bool = False,
-                   allow_special: bool = False) -> str:
-    """Find the parent file of a differencing disk, confined to ``allowed_dirs``
-    (real paths).  Returns the path as found (not symlink-resolved)."""
-    path, fd = _find_parent(child, allowed_dirs=allowed_dirs, allow_absolute=allow_absolute,
-                            allow_special=allow_special)
-    os.close(fd)
-    return path
 
 
 class Chain:
@@ -365,30 +356,8 @@ class Chain:
         (at least ``bitmap_bytes``), which is overwritten.  Sectors that no
         layer holds are zeroed and their bits stay clear.  Returns the number
         of sectors some layer held."""
-        n = self.block_sectors(block)
-        nb = (n + 7) // 8
-        memoryview(out_bitmap)[:nb] = bytes(nb)
-        filled = 0
-        start = block * self.block_size
-        for ly in (self.layers if layers is None else layers):
-            if ly.is_fixed:
-                if start >= ly.virtual_size:
-                    continue
-                view = ly.fixed_view(start, n * SECTOR)
-                m = len(view) // SECTOR
-                if m:
-                    filled += kernels.overlay_full(view, out_bitmap, out_data, m)
-            else:
-                v = ly.block_views(block)
-                if v is None:
-                    continue
-                m = min(n, ly.block_sectors(block))
-                filled += kernels.overlay(v[0], v[1], out_bitmap, out_data, m)
-            if filled >= n:
-                break
-        if filled < n:
-            kernels.fill_unset(out_bitmap, out_data, n)
-        return filled
+        return merge_layers(self.layers if layers is None else layers, block, self.block_size,
+                            self.block_sectors(block), out_data, out_bitmap)
 
     def prefetch_block(self, block: int) -> None:
         """Ask the kernel to start reading what :meth:`merge_block` of
@@ -466,25 +435,9 @@ class Chain:
     def read_into(self, offset: int, buf: memoryview | bytearray) -> int:
         """Fill ``buf`` with the virtual disk from ``offset``.  Bytes past the
         virtual size are not written; returns the number of bytes read."""
-        out = memoryview(buf).cast("B")
-        if offset < 0:
-            raise VhdError(f"negative offset {offset}")
-        length = max(0, min(len(out), self.virtual_size - offset))
         data, bm = self._scratch_buffers()
-        pos = 0
-        bs = self.block_size
-        while pos < length:
-            off = offset + pos
-            blk, within = divmod(off, bs)
-            n = min(length - pos, bs - within)
-            full = self.block_sectors(blk) * SECTOR
-            if within == 0 and n == full and full % SECTOR == 0:
-                self.merge_block(blk, out[pos : pos + n], bm)
-            else:
-                self.merge_block(blk, data, bm)
-                out[pos : pos + n] = data[within : within + n]
-            pos += n
-        return length
+        return read_blocks_into(self.merge_block, self.virtual_size, self.block_size, offset, buf,
+                                data, bm)
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of the virtual disk at ``offset`` (clipped to its size)."""
@@ -589,3 +542,9 @@ def _check_parent(child: VhdFile, parent: VhdFile) -> None:
         )
 
 
+def vhd_to_raw(vhd_path: PathLike, raw_path: PathLike, *, allowed_dirs: list[PathLike] | None = None
+               ) -> int:
+    """Write the virtual disk of ``vhd_path`` (through its chain) as a raw file,
+    sparse where blocks read as zero.  Returns the virtual size."""
+    with Chain.open(vhd_path, allowed_dirs=allowed_dirs) as chain:
+        return chain.copy_to_raw(raw_path)

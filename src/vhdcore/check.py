@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .chain import Chain
-from .disk import PathLike, VhdFile
+from .vhd.file import PathLike, VhdFile
 from .errors import VhdError
-from .format import BAT_UNUSED, FOOTER_SIZE, SECTOR, Footer
+from .vhd.format import BAT_UNUSED, FOOTER_SIZE, SECTOR, Footer
 
 __all__ = ["Problem", "check_file", "check_chain"]
 

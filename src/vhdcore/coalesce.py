@@ -24,7 +24,7 @@ import time  # noqa: F401  (tests reach the clock as vhdcore.coalesce.time)
 import types
 from typing import Any
 
-from .disk import VhdFile  # noqa: F401
+from .vhd.file import VhdFile  # noqa: F401
 from .fsmap import FsFreeMap, fs_free_map
 from .ops import checkpoint as _checkpoint
 from .ops import coalesce as _coalesce

@@ -18,7 +18,7 @@ from .fsmap import fs_free_map
 from .ops.stream import FreeMap, iter_image_blocks
 from .vhd.layout import DynamicLayout
 from .compress import compress_frame
-from .disk import PathLike
+from .vhd.file import PathLike
 
 __all__ = ["estimate", "RULE_OF_THUMB_SECONDS_PER_GB"]
 

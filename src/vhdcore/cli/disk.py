@@ -88,7 +88,7 @@ def _p_info(sub: Any) -> None:
 
 @COMMANDS.handler("info")
 def _info(ns: argparse.Namespace) -> int:
-    from ..disk import VhdFile
+    from ..vhd.file import VhdFile
 
     try:
         with VhdFile.open(ns.file) as vhd:
@@ -105,7 +105,7 @@ def _info(ns: argparse.Namespace) -> int:
 def _info_damaged(ns: argparse.Namespace, exc: VhdError) -> int:
     """``info`` on a file that does not open: every field that can be read,
     and which checksum failed (stored vs computed).  Exit code 1."""
-    from ..disk import inspect_damaged
+    from ..vhd.inspect import inspect_damaged
 
     try:
         d = inspect_damaged(ns.file)
@@ -216,7 +216,7 @@ def _p_create(sub: Any) -> None:
 
 @COMMANDS.handler("create")
 def _create(ns: argparse.Namespace) -> int:
-    from ..disk import create_dynamic, create_fixed
+    from ..vhd.create import create_dynamic, create_fixed
 
     if ns.type == "fixed" and ns.block_size:
         raise UsageError("--block-size applies to dynamic disks only, not --type fixed")
@@ -243,7 +243,7 @@ def _p_snapshot(sub: Any) -> None:
 
 @COMMANDS.handler("snapshot")
 def _snapshot(ns: argparse.Namespace) -> int:
-    from ..disk import create_differencing
+    from ..vhd.create import create_differencing
 
     refuse_existing(ns.child, ns.force)
     create_differencing(ns.child, ns.parent, exclusive=not ns.force).close()

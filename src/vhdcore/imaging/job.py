@@ -22,7 +22,7 @@ from ..fsmap import fs_free_map
 from ..ops.stream import FreeMap
 from ..vhd.layout import DynamicLayout
 from ..compress import FrameCompressor, frame_bound
-from ..disk import PathLike
+from ..vhd.file import PathLike
 from ..errors import (
     JobStateError,
     OutputExistsError,

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..chain import Chain
 from ..ops.stream import FreeMap
-from ..format import SECTOR
+from ..vhd.format import SECTOR
 
 __all__ = ["BlockPlanner"]
 

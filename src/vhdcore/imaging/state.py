@@ -10,7 +10,7 @@ from typing import Any
 
 from .. import _io
 from ..chain import Chain
-from ..disk import PathLike
+from ..vhd.file import PathLike
 from ..errors import JobStateError
 
 __all__ = ["STREAM_FORMAT", "STATE_VERSION", "job_state_path"]

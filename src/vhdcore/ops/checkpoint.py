@@ -18,9 +18,9 @@ import xxhash
 
 from .. import _io, kernels
 from .._version import __version__
-from ..disk import PathLike, VhdFile
+from ..vhd.file import PathLike, VhdFile
 from ..errors import CheckpointError
-from ..format import SECTOR
+from ..vhd.format import SECTOR
 
 __all__ = ["CHECKPOINT_VERSION", "checkpoint_path"]
 

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from ..chain import Chain
-from ..disk import PathLike, VhdFile
+from ..vhd.file import PathLike, VhdFile
 from ..errors import (CoalesceError, NoSpaceError, ParentMismatchError, VhdError,
                       VhdTimeoutError)
-from ..format import FOOTER_SIZE, SECTOR, check_virtual_size
+from ..vhd.format import FOOTER_SIZE, SECTOR, check_virtual_size
 from . import checkpoint as _ck
 from .checkpoint import _batches, _write_json_atomic, checkpoint_path, fingerprint
 from .coalesce_block import _merge_one, _reserve_batch

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from .. import kernels
-from ..disk import VhdFile
-from ..format import DISK_DYNAMIC, FOOTER_SIZE, SECTOR
+from ..vhd.file import VhdFile
+from ..vhd.format import DISK_DYNAMIC, FOOTER_SIZE, SECTOR
 
 #: new parent blocks are placed so that their data starts on a page
 _PAGE = 4096

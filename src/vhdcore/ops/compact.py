@@ -9,9 +9,10 @@ import numpy as np
 
 from .. import _io, kernels
 from ..chain import Chain
-from ..disk import PathLike, VhdFile, parent_locator_blobs
+from ..vhd.create import parent_locator_blobs
+from ..vhd.file import PathLike, VhdFile
 from ..errors import CoalesceError, VhdError
-from ..format import (BAT_UNUSED, DISK_DIFFERENCING, FOOTER_SIZE, SECTOR, DynamicHeader,
+from ..vhd.format import (BAT_UNUSED, DISK_DIFFERENCING, FOOTER_SIZE, SECTOR, DynamicHeader,
                       ParentLocator, check_block_offset, encode_bat)
 from ..vhd.layout import DynamicLayout
 from .flatten import flatten

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from ..chain import Chain
-from ..disk import PathLike
+from ..vhd.file import PathLike
 from ..errors import CoalesceError, VhdError
 from ..fsmap import fs_free_map
 from .flatwrite import FORMATS, FlattenResult, Progress, _refuse_existing, write_flat

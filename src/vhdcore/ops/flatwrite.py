@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import _io, kernels
 from ..errors import OutputExistsError, VhdError
-from ..format import DISK_FIXED, FOOTER_SIZE, SECTOR, Footer, check_virtual_size
+from ..vhd.format import DISK_FIXED, FOOTER_SIZE, SECTOR, Footer, check_virtual_size
 from ..vhd.layout import DynamicLayout
 from .stream import PREFETCH_BLOCKS, BlockSource, FreeMap, iter_image_blocks
 

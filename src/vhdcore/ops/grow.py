@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..disk import VhdFile
-from ..format import BAT_UNUSED, FOOTER_SIZE, SECTOR, check_block_offset, encode_bat
+from ..vhd.file import VhdFile
+from ..vhd.format import BAT_UNUSED, FOOTER_SIZE, SECTOR, check_block_offset, encode_bat
 from .coalesce_block import _PAGE, _new_block_stride
 
 

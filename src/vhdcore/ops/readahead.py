@@ -13,8 +13,8 @@ import numpy as np
 
 from .. import _io, kernels
 from ..chain import _drop_pages
-from ..disk import VhdFile
-from ..format import SECTOR
+from ..vhd.file import VhdFile
+from ..vhd.format import SECTOR
 
 __all__ = ["Prefetch", "release_block_pages"]
 

@@ -13,9 +13,10 @@ from typing import Any
 
 from .._util import aligned_buffer
 from ..chain import Chain
-from ..disk import PathLike, VhdFile, parent_locator_blobs
+from ..vhd.create import parent_locator_blobs
+from ..vhd.file import PathLike, VhdFile
 from ..errors import CoalesceError, ParentMismatchError, VhdError
-from ..format import HEADER_SIZE, SECTOR, DynamicHeader, ParentLocator, vhd_timestamp
+from ..vhd.format import HEADER_SIZE, SECTOR, DynamicHeader, ParentLocator, vhd_timestamp
 
 __all__ = ["relink", "RelinkResult"]
 

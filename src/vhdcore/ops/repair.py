@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 from .. import _io
-from ..disk import PathLike, VhdFile
+from ..vhd.file import PathLike, VhdFile
 from ..errors import FormatError
-from ..format import FOOTER_SIZE
+from ..vhd.format import FOOTER_SIZE
 
 __all__ = ["repair"]
 

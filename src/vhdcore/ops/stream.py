@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import kernels
 from .._util import aligned_buffer
-from ..format import SECTOR
+from ..vhd.format import SECTOR
 
 __all__ = ["BlockSource", "FreeMap", "ImageBlock", "iter_image_blocks", "PREFETCH_BLOCKS"]
 

@@ -45,7 +45,7 @@ def _write_changes(leaf: Path, child: Path, blocks: list[int], seed: int) -> byt
     OS-disk-like data; returns those blocks' new bytes (for the lz4 reference)."""
     from .._workloads import realistic_block
     from ..chain import Chain
-    from ..disk import create_differencing
+    from ..vhd.create import create_differencing
 
     create_differencing(child, leaf).close()
     rng = np.random.default_rng(seed)
@@ -234,7 +234,7 @@ print(json.dumps({"peak_rss": status()["VmHWM"], "peak_anon": peak[0], "image_s"
 def repo_memory(work: Path, vsize: int) -> dict[str, Any]:
     """Peak RSS of ``image --repo`` then ``restore`` of a sparse chain of
     ``vsize`` bytes (a few blocks written), in a child process."""
-    from ..disk import create_dynamic
+    from ..vhd.create import create_dynamic
     from . import init_repo
 
     d = work / "repo-mem"

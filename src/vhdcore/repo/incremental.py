@@ -17,7 +17,7 @@ import xxhash
 from ..chain import Chain
 from ..fsmap import fs_free_map
 from ..ops.stream import FreeMap
-from ..disk import VhdFile
+from ..vhd.file import VhdFile
 from ..errors import StoreNotFoundError
 from .core import ImageRef, Repository
 from .format import ID_SIZE, RepoFormatError

@@ -27,8 +27,8 @@ import numpy as np
 
 from .._version import __version__
 from ..chain import Chain
-from ..disk import PathLike
 from ..ops.stream import iter_image_blocks
+from ..vhd.file import PathLike
 from ..errors import StoreNotFoundError, VhdError, VhdTimeoutError
 from .core import ImageRef, Repository, new_image_id, open_repo
 from .format import (

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _io
+from ..chain import vhd_to_raw
 from ..errors import IntegrityError, OutputExistsError, StoreError
 from .base import META_CODEC, Manifest, SegmentInfo, Store, is_vhdcore_metadata
 from .urls import open_store
@@ -165,7 +166,7 @@ def restore(
     :mod:`vhdcore._io`; the file gets mode 0666 less the umask.  An existing
     ``out`` is refused (:class:`~vhdcore.errors.OutputExistsError`) unless
     ``overwrite``.  ``format="raw"`` converts the VHD to a raw disk image
-    (:func:`vhdcore.disk.vhd_to_raw`).  ``options`` go to
+    (:func:`vhdcore.chain.vhd_to_raw`).  ``options`` go to
     :func:`~vhdcore.store.open_store`.  Returns the manifest.
 
     Raises :class:`IntegrityError` for damaged data,
@@ -224,10 +225,6 @@ def _download_to(fd: int, store: Store, manifest: Manifest, concurrency: int,
 def _install_raw(tmp_vhd: str, out_path: Path, out_dir: str) -> None:
     """Convert the downloaded VHD to a raw disk under a temporary name and
     rename it to ``out_path``."""
-    try:
-        from ..disk import vhd_to_raw
-    except ImportError as exc:
-        raise StoreError("raw restore needs vhdcore.disk.vhd_to_raw, which this build lacks") from exc
     tmp_raw: str | None = None
     try:
         fd, tmp_raw = _io.create_temp(out_dir, f".{out_path.name}.", ".raw-partial")

@@ -1,8 +1,9 @@
 """The layout of a new sparse dynamic VHD written front to back.
 
-Shared by everything that produces such a file or its stream: ``flatten`` to
-a VHD, ``compact``, the image stream of ``image`` and the repository's
-``export``, and the cost estimate.
+Shared by everything that produces such a file or its stream: ``create``
+(dynamic and differencing: the parent's locators go after the BAT),
+``flatten`` to a VHD, ``compact``, the image stream of ``image`` and the
+repository's ``export``, and the cost estimate.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..format import (
+from .format import (
     BAT_UNUSED,
+    DISK_DIFFERENCING,
     DISK_DYNAMIC,
     FOOTER_SIZE,
     HEADER_SIZE,
@@ -20,6 +22,7 @@ from ..format import (
     SECTOR,
     DynamicHeader,
     Footer,
+    ParentLocator,
     bitmap_size_for,
     check_block_offset,
     check_virtual_size,
@@ -36,7 +39,12 @@ class DynamicLayout:
     every block's position follows from its rank."""
 
     def __init__(self, virtual_size: int, block_size: int, *, unique_id: bytes | None = None,
-                 timestamp: int | None = None, data_start: int | None = None) -> None:
+                 timestamp: int | None = None, data_start: int | None = None,
+                 parent: tuple[bytes, int, str] | None = None,
+                 locators: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """``parent``: (UUID, time stamp, name) of the parent, for a
+        differencing disk; ``locators``: its parent locators' (code, data),
+        whose data goes right after the BAT, before the first block."""
         check_virtual_size(virtual_size)
         self.virtual_size = virtual_size
         self.block_size = block_size
@@ -44,14 +52,28 @@ class DynamicLayout:
         self.bitmap_size = bitmap_size_for(block_size)
         self.bat_offset = FOOTER_SIZE + HEADER_SIZE
         self.bat_bytes = -(-self.nblocks * 4 // SECTOR) * SECTOR
-        self.data_start = self.bat_offset + self.bat_bytes if data_start is None else data_start
+        pos = self.bat_offset + self.bat_bytes
+        locs = []
+        #: (offset, data padded to its space) of each parent locator
+        self.locator_data: list[tuple[int, bytes]] = []
+        for code, blob in locators:
+            space = max(SECTOR, -(-len(blob) // SECTOR) * SECTOR)
+            locs.append(ParentLocator(code=code, data_space=space, data_length=len(blob),
+                                      data_offset=pos))
+            self.locator_data.append((pos, blob.ljust(space, b"\0")))
+            pos += space
+        #: the header's parent locator entries, in the order of ``locators``
+        self.locators: tuple[ParentLocator, ...] = tuple(locs)
+        self.data_start = pos if data_start is None else data_start
         self.block_stride = self.bitmap_size + block_size
-        self.footer = Footer.new(DISK_DYNAMIC, virtual_size, data_offset=FOOTER_SIZE,
-                                 unique_id=unique_id)
+        self.footer = Footer.new(DISK_DYNAMIC if parent is None else DISK_DIFFERENCING,
+                                 virtual_size, data_offset=FOOTER_SIZE, unique_id=unique_id)
         if timestamp is not None:
             self.footer = self.footer.with_(timestamp=timestamp)
-        self.header = DynamicHeader(table_offset=self.bat_offset,
-                                    max_table_entries=self.nblocks, block_size=block_size)
+        puuid, ptime, pname = parent if parent is not None else (b"\0" * 16, 0, "")
+        self.header = DynamicHeader(
+            table_offset=self.bat_offset, max_table_entries=self.nblocks, block_size=block_size,
+            parent_uuid=puuid, parent_timestamp=ptime, parent_name=pname, locators=self.locators)
 
     def max_blocks(self) -> int:
         """How many blocks this layout can store before a block's offset no
