@@ -1,5 +1,5 @@
 """Coalesce side by side with blktap's ``vhd-util coalesce`` on the same
-files (a 4 GiB disk; see :mod:`vhdcore._coalesce_peer`): a child of 256 MiB of
+files (a 4 GiB disk; see :mod:`vhdcore.bench.coalesce_peer`): a child of 256 MiB of
 random 4 KiB writes and one of whole 2 MiB blocks, cold (page cache dropped
 before each side, root only) and warm, the final fsync counted on both sides.
 
@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from vhdcore import _coalesce_peer as cpeer
+from vhdcore.bench import coalesce_peer as cpeer
 from vhdcore.chain import Chain
 
 MiB = 1024 * 1024

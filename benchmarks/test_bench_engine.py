@@ -13,7 +13,7 @@ import pytest
 
 from _benchutil import gbps
 from vhdcore.chain import Chain
-from vhdcore._coalesce_peer import sparse_copy
+from vhdcore.bench.coalesce_peer import sparse_copy
 from vhdcore.coalesce import coalesce, flatten
 
 

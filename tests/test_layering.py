@@ -51,7 +51,7 @@ LAYERS: dict[str, int] = {
     # 5: the pipeline and the stores
     "vhdcore.store": 5, "vhdcore.imaging": 5, "vhdcore.repo": 5, "vhdcore.fleet": 5,
     # 6: front ends
-    "vhdcore.cli": 6, "vhdcore.bench": 6, "vhdcore._coalesce_peer": 6, "vhdcore.demo": 6, "vhdcore.__main__": 6,
+    "vhdcore.cli": 6, "vhdcore.bench": 6, "vhdcore.demo": 6, "vhdcore.__main__": 6,
     # 7: the package itself, which re-exports the public API of every layer
     "vhdcore": 7,
 }

@@ -12,7 +12,6 @@ from typing import Any
 
 from .._args import int_at_least, new_subcommand as _new, positive_seconds
 from .._util import human_size, parse_size
-from ..fleet._base import BrokerUnreachableError, FleetError
 from ._common import EXIT_FAILED, EXIT_OK, Commands, Handler, fail
 
 __all__ = ["COMMANDS"]
@@ -23,6 +22,10 @@ COMMANDS = Commands()
 def _guard(fn: Handler) -> Handler:
     """An unreachable broker is exit 3 with a clear message."""
     def run(ns: argparse.Namespace) -> int:
+        # imported here: the fleet package (its jobs and worker) is not loaded
+        # by the other commands' start-up
+        from ..fleet._base import BrokerUnreachableError
+
         try:
             return fn(ns)
         except BrokerUnreachableError as exc:
@@ -45,6 +48,7 @@ def _worker(ns: argparse.Namespace) -> int:
 
 
 def _submit(ns: argparse.Namespace) -> int:
+    from ..fleet._base import FleetError
     from ..fleet.jobs import FleetClient, JobSpec
 
     if ns.to is None and ns.repo is None:

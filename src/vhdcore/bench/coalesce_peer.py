@@ -1,7 +1,7 @@
 """Coalesce side by side with blktap's ``vhd-util coalesce`` (benchmarks).
 
-Used by ``python -m vhdcore bench`` (:meth:`vhdcore.bench._Bench.measure_coalesce`)
-and by ``benchmarks/test_bench_coalesce.py``.  blktap is not packaged by
+Used by ``python -m vhdcore bench`` (:func:`vhdcore.bench.engine.measure_coalesce_peer`)
+and by ``benchmarks/test_bench_coalesce_peer.py``.  blktap is not packaged by
 Debian; build ``vhd-util`` from its public source and name it with
 ``VHDCORE_BENCH_VHD_UTIL=/path/to/vhd-util``.
 
@@ -15,7 +15,8 @@ one differencing child, written once and copied (sparsely) before each run:
 
 Each side runs on its own fresh copy of the same files; its time includes the
 final ``fsync`` of the parent.  Cold: the page cache is dropped (as root,
-``/proc/sys/vm/drop_caches``; otherwise only the two files' pages are evicted,
+``/proc/sys/vm/drop_caches``; otherwise, or with
+``VHDCORE_BENCH_NO_DROP_CACHES=1``, only the two files' pages are evicted,
 ``posix_fadvise(DONTNEED)``) after the copy, before each side; warm: both
 files are read into the page cache first.  The bytes each side read from and
 wrote to the storage come from its resource usage (``ru_inblock``,
@@ -34,12 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from .ops.coalesce import coalesce
-from .ops.coalesce_block import _new_block_stride, _reserve_fresh
-from .ops.relink import relink
-from .vhd.create import create_differencing, create_dynamic
-from .vhd.file import VhdFile
-from .vhd.format import SECTOR
+from ..ops.coalesce import coalesce
+from ..ops.coalesce_block import _new_block_stride, _reserve_fresh
+from ..ops.relink import relink
+from ..vhd.create import create_differencing, create_dynamic
+from ..vhd.file import VhdFile
+from ..vhd.format import SECTOR
+from .machine import can_drop_caches, drop_caches, evict, fsync_paths
+from .report import PEER_TARGETS
 
 __all__ = ["PEER_KINDS", "PEER_TARGETS", "PeerRun", "compare", "sparse_copy", "make_peer_pair", "run_side", "vhd_util_path",
            "can_drop_caches"]
@@ -56,14 +59,6 @@ PEER_KINDS = {
 }
 
 
-#: the issue's targets, by bench result name (ratio = vhd-util's seconds / ours)
-PEER_TARGETS: dict[str, tuple[str, str, float, str]] = {
-    "coalesce.vs_vhd_util.random4k.cold": ("ratio", ">=", 20.0, ">= 20x vhd-util (goal 100x)"),
-    "coalesce.vs_vhd_util.random4k.warm": ("ratio", ">=", 20.0, ">= 20x vhd-util (goal 100x)"),
-    "coalesce.vs_vhd_util.blocks.cold": ("ratio", ">=", 1.0, ">= 1.0x vhd-util (goal 1.5x)"),
-}
-
-
 def vhd_util_path() -> str | None:
     """The ``vhd-util`` named by ``VHDCORE_BENCH_VHD_UTIL``, when it runs."""
     p = os.environ.get("VHDCORE_BENCH_VHD_UTIL")
@@ -71,16 +66,6 @@ def vhd_util_path() -> str | None:
         return None
     p = shutil.which(p) or p
     return p if os.access(p, os.X_OK) else None
-
-
-def can_drop_caches() -> bool:
-    return os.access("/proc/sys/vm/drop_caches", os.W_OK)
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def _write_sparse_block(v: VhdFile, blk: int, sectors: np.ndarray, rng: np.random.Generator,
@@ -213,23 +198,6 @@ def _warm_code(side: str, vhd_util: str | None, work: Path) -> None:
     shutil.rmtree(tiny, ignore_errors=True)
 
 
-def _evict(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def _fsync_path(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def run_side(side: str, pristine: tuple[Path, Path], work: Path, *, cold: bool,
              vhd_util: str | None = None) -> PeerRun:
     """Copy the pristine pair into ``work`` and coalesce it with ``side``
@@ -249,15 +217,14 @@ def run_side(side: str, pristine: tuple[Path, Path], work: Path, *, cold: bool,
         _warm_code(side, vhd_util, work)
     elif cold:
         # not root: evict the two files' pages only (written back above)
-        for p in (parent, child):
-            _evict(p)
+        evict([parent, child])
     else:
         _warm([parent, child])
     if side == "vhdcore":
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t = time.perf_counter()
         coalesce(child, skip_space_check=True, durable=True)
-        _fsync_path(parent)
+        fsync_paths([parent])
         dt = time.perf_counter() - t
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         rb = (r1.ru_inblock - r0.ru_inblock) * SECTOR
@@ -272,7 +239,7 @@ def run_side(side: str, pristine: tuple[Path, Path], work: Path, *, cold: bool,
         out = proc.stdout.read()
         _, status, ru = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
-        _fsync_path(parent)
+        fsync_paths([parent])
         dt = time.perf_counter() - t
         if proc.returncode != 0:
             raise RuntimeError(f"vhd-util coalesce failed ({proc.returncode}): "
