@@ -158,7 +158,7 @@ def test_image_to_swift_vs_swift_upload(benchmark, workloads, tmp_path, request,
         server_missing("the swift command (python-swiftclient) is not installed")
     w = workloads("realistic")
     res = create_image(w.leaf, f"file://{tmp_path}/image", threads=2, segment_size=SEGMENT,
-                       store_options={"fsync": False}, fs_aware=False)
+                       store_options={"durable": False}, fs_aware=False)
     stream = tmp_path / "stream.lz4"
     with open(stream, "wb") as out:
         for seg in sorted(tmp_path.glob("image.segments/**/*.lz4")):
