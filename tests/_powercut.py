@@ -489,6 +489,55 @@ def restore_scenario(fmt: str) -> Scenario:
     return make
 
 
+def repo_image_scenario() -> Scenario:
+    """``image --repo`` into a directory repository, incremental over a
+    previous image of the same name: every image the repository lists
+    restores to its own view and passes ``verify --read-data`` (no listed
+    image names a chunk that a power cut lost), the previous image is never
+    lost, and running the command again completes the new image."""
+    from vhdcore import repo as R
+
+    def make(root: Path):
+        (root / "src").mkdir()
+        leaf = _image_chain(root, 45)
+        url = f"file://{root / 'repo'}"
+        R.init_repo(url, chunk_size=64 * KiB)
+        R.create_image(leaf, url, "vm", fs_aware=False)
+        old_view = read_all(leaf)
+        with Chain.open(leaf, writable=True) as c:
+            c.write(70 * KiB, os.urandom(90 * KiB))
+        new_view = read_all(leaf)
+
+        def run() -> None:
+            R.create_image(leaf, url, "vm", fs_aware=False)
+
+        def images() -> dict[str, bytes]:
+            out = root / "check.vhd"
+            got = {}
+            for img in R.list_images(url, "vm"):
+                ref = f"vm@{img['id']}"
+                R.restore(url, ref, out)
+                try:
+                    got[ref] = read_all(out)
+                finally:
+                    out.unlink()
+            return got
+
+        def check(where: str, done: bool) -> None:
+            res = R.verify(url, read_data=True, mark=False)
+            assert res.ok, f"verify: missing {res.missing} damaged {res.damaged} {res.errors}"
+            got = images()
+            assert old_view in got.values(), "the previous image was lost"
+            assert set(got.values()) <= {old_view, new_view}, "an image restores to a third thing"
+            if done:
+                assert new_view in got.values(), "a finished image was lost"
+            if new_view not in got.values():
+                R.create_image(leaf, url, "vm", fs_aware=False)
+                assert new_view in images().values(), "running again did not complete the image"
+        return run, check
+    return make
+
+
 #: name -> (scenario, crash points sampled in the suite: None for all of them)
 SCENARIOS: dict[str, tuple[Scenario, int | None]] = {
     "coalesce": (coalesce_scenario("dynamic", False, False), None),
@@ -518,6 +567,7 @@ SCENARIOS: dict[str, tuple[Scenario, int | None]] = {
     "image (new)": (image_scenario(False), None),
     "image (state in a new --state-dir)": (image_scenario(False, state_dir=True), None),
     "image (over a previous image)": (image_scenario(True), None),
+    "image --repo (incremental, directory repository)": (repo_image_scenario(), None),
 }
 
 

@@ -1,7 +1,8 @@
 """Repository objects as files under a directory (``file:///dir`` or a plain path).
 
 A write-once create writes a temporary file, fsyncs it (unless ``durable`` is
-False), and links it to its name (``link`` fails when the name exists, so an
+False), and links it to its name (any directory it creates on the way is made
+durable in its parent first, and the name in its directory after the link) (``link`` fails when the name exists, so an
 existing object is never rewritten), then removes the temporary name."""
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ class DirectoryBackend(Backend):
 
     def _tmp(self, path: str) -> str:
         d = os.path.dirname(path)
-        os.makedirs(d, exist_ok=True)
+        # a new fan-out directory must be durable in its parent before the
+        # chunk in it counts as stored (else a power cut loses the chunk)
+        _io.make_dirs(d, durable=self.durable)
         return os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}."
                                f"{threading.get_ident()}.{time.monotonic_ns()}.tmp")
 
@@ -75,7 +78,7 @@ class DirectoryBackend(Backend):
     def put(self, key: str, data: Data) -> None:
         path = self._path(key)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _io.make_dirs(os.path.dirname(path), durable=self.durable)
             _io.atomic_write(path, _joined(data) if isinstance(data, tuple) else data,
                              durable=self.durable)
         except OSError as exc:
