@@ -5,15 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
-
 from .. import _io, kernels
 from ..chain import Chain
 from ..vhd.create import parent_locator_blobs
 from ..vhd.file import PathLike, VhdFile
 from ..errors import CoalesceError, VhdError
-from ..vhd.format import (BAT_UNUSED, DISK_DIFFERENCING, FOOTER_SIZE, SECTOR, DynamicHeader,
-                      ParentLocator, check_block_offset, encode_bat)
+from ..vhd.format import DISK_DIFFERENCING, FOOTER_SIZE, DynamicHeader
 from ..vhd.layout import DynamicLayout
 from .flatten import flatten
 from .flatwrite import FlattenResult, Progress, _fsync_dir, _refuse_existing, _unlink_quiet
@@ -98,30 +95,26 @@ def _write_copy(src: VhdFile, tmp: str, out: str, parent_path: str | None,
     Returns (blocks stored, sectors stored)."""
     assert src.header is not None and src.bat is not None
     h, locs_blobs = _locators(src, src.header, out, parent_path)
-    layout = DynamicLayout(src.virtual_size, src.block_size)
-    pos = layout.data_start
-    new_locs = []
-    for code, blob in locs_blobs:
-        space = max(SECTOR, -(-len(blob) // SECTOR) * SECTOR)
-        new_locs.append(ParentLocator(code, space, len(blob), pos))
-        pos += space
-    data_start = pos
-    nalloc = int(src.allocated_blocks().size)
-    if nalloc:
-        check_block_offset(data_start + (nalloc - 1) * layout.block_stride, out)
+    # placement (BAT, locator data, blocks) from the one layout of a new
+    # dynamic disk; the footer and header are the source's, re-pointed
+    layout = DynamicLayout(src.virtual_size, src.block_size, locators=locs_blobs)
+    layout.footer = src.footer.with_(unique_id=os.urandom(16), disk_type=DISK_DIFFERENCING,
+                                     data_offset=FOOTER_SIZE)
+    layout.header = h.with_(table_offset=layout.bat_offset, max_table_entries=src.nblocks,
+                            data_offset=0xFFFFFFFFFFFFFFFF, locators=layout.locators)
+    layout.check_capacity(int(src.allocated_blocks().size))
     stored: list[int] = []
     n_sectors = 0
     with open(tmp, "r+b") as f:
         fdn = f.fileno()
-        for (_, blob), nl in zip(locs_blobs, new_locs):
-            _io.pwrite_all(fdn, blob.ljust(nl.space_bytes, b"\0"), nl.data_offset)
+        for off, padded in layout.locator_data:
+            _io.pwrite_all(fdn, padded, off)
         for blk in src.iter_allocated():
             bm, data = src.block_views(blk)  # type: ignore[misc]
             c = kernels.bitmap_count(bm, src.block_sectors(blk))
             if c == 0:
                 continue
-            off = data_start + len(stored) * layout.block_stride
-            check_block_offset(off, out)
+            off = layout.block_offset(len(stored))
             _io.pwrite_all(fdn, bm, off)
             _io.pwrite_all(fdn, bytes(data).ljust(src.block_size, b"\0"),
                            off + layout.bitmap_size)
@@ -129,18 +122,7 @@ def _write_copy(src: VhdFile, tmp: str, out: str, parent_path: str | None,
             n_sectors += c
             if progress is not None:
                 progress(blk + 1, src.nblocks)
-        bat = np.full(src.nblocks, BAT_UNUSED, dtype=np.uint32)
-        if stored:
-            bat[np.asarray(stored)] = (data_start + np.arange(len(stored))
-                                       * layout.block_stride) // SECTOR
-        footer = src.footer.with_(unique_id=os.urandom(16), disk_type=DISK_DIFFERENCING,
-                                  data_offset=FOOTER_SIZE)
-        header = h.with_(table_offset=layout.bat_offset, max_table_entries=src.nblocks,
-                         data_offset=0xFFFFFFFFFFFFFFFF,
-                         locators=tuple(new_locs) + tuple(
-                             ParentLocator(b"\0\0\0\0", 0, 0, 0)
-                             for _ in range(8 - len(new_locs))))
-        _io.pwrite_all(fdn, footer.pack() + header.pack() + encode_bat(bat), 0)
-        _io.pwrite_all(fdn, footer.pack(), data_start + len(stored) * layout.block_stride)
+        _io.pwrite_all(fdn, layout.head(stored), 0)
+        _io.pwrite_all(fdn, layout.tail(), layout.block_offset_unchecked(len(stored)))
         _io.fsync(fdn)
     return len(stored), n_sectors
