@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..chain import aligned_buffer
+from .._util import aligned_buffer
 from ..errors import VhdError
 from .core import ImageRef, Repository, open_repo
 from .format import ID_SIZE, RepoFormatError, chunk_key, decode_chunk, nonzero_rows, parse_ref
@@ -280,28 +280,22 @@ class _Frames:
         self.nblocks = 0
 
     def __iter__(self) -> Iterator[bytes]:
-        from ..compress import compress_frame
+        from ..compress import FrameCompressor
 
-        threads = self.threads
-        pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="vhdcore-lz4")
-        win: deque[Future[bytes]] = deque()
-        try:
-            for _kind, a, b in iter_stream(self.repo, self.man, self.ids,
-                                           concurrency=self.concurrency, where=self.where):
-                if b is not None:
-                    buf = b"".join((a, b))
-                    self.nblocks += 1
-                else:
-                    buf = bytes(a)
-                self.sha.update(buf)
-                self.size += len(buf)
-                win.append(pool.submit(compress_frame, buf))
-                while len(win) > 2 * threads:
-                    yield win.popleft().result()
-            while win:
-                yield win.popleft().result()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        with FrameCompressor(threads=max(1, self.threads)) as fc:
+            yield from fc.compress(self._raw())
+
+    def _raw(self) -> Iterator[bytes]:
+        for _kind, a, b in iter_stream(self.repo, self.man, self.ids,
+                                       concurrency=self.concurrency, where=self.where):
+            if b is not None:
+                buf = b"".join((a, b))
+                self.nblocks += 1
+            else:
+                buf = bytes(a)
+            self.sha.update(buf)
+            self.size += len(buf)
+            yield buf
 
 
 def export(repo_url: str | Repository | None, ref: str | ImageRef, to_url: str, *,
