@@ -20,7 +20,8 @@ import numpy as np
 
 from . import _io, kernels
 from ._util import aligned_buffer
-from .errors import ChainCycleError, ChainDepthError, ConfinementError, ParentNotFoundError, VhdError
+from .errors import (ChainCycleError, ChainDepthError, ConfinementError, ParentNotFoundError,
+                     VhdError)
 from .parents import check_parent, find_parent
 from .vhd.file import PathLike, VhdFile
 from .vhd.format import DEFAULT_BLOCK_SIZE, SECTOR, bitmap_size_for
