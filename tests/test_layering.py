@@ -39,9 +39,11 @@ LAYERS: dict[str, int] = {
     # 2: one VHD file: read, write, create, inspect; reads through layers
     "vhdcore.vhd.file": 2, "vhdcore.vhd.write": 2, "vhdcore.vhd.create": 2,
     "vhdcore.vhd.inspect": 2, "vhdcore.vhd.overlay": 2,
-    # 3: the chain, check; the merged block stream and the flat writer, which
-    # the chain's cat -o (Chain.copy_to_raw, iter_raw) uses
-    "vhdcore.chain": 3, "vhdcore.check": 3, "vhdcore.ops.stream": 3, "vhdcore.ops.flatwrite": 3,
+    # 3: the chain and its parent resolution, check; the merged block stream
+    # and the flat writer, which the chain's cat -o (Chain.copy_to_raw,
+    # iter_raw) uses
+    "vhdcore.chain": 3, "vhdcore.parents": 3, "vhdcore.check": 3,
+    "vhdcore.ops.stream": 3, "vhdcore.ops.flatwrite": 3,
     # re-exports vhd.file, vhd.create, vhd.inspect and chain.vhd_to_raw (the
     # documented import path); nothing in vhdcore imports it
     "vhdcore.disk": 3,

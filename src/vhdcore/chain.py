@@ -1,23 +1,18 @@
-"""Differencing chains: resolve parents safely, validate, read through.
+"""Differencing chains: open a leaf's parents, validate, read through.
 
 A chain is a list of open :class:`~vhdcore.vhd.file.VhdFile` from the leaf (the
-newest differencing disk) to the base (a fixed or dynamic disk).  Parent
-paths come from the child's parent locators (``W2ru``, ``W2ku``, ``MacX``)
-and its header's parent name, resolved relative to the child's directory.
-
-Resolution is confined: a parent is accepted only when its real path (all
-symlinks followed) lies inside one of ``allowed_dirs`` (by default the
-leaf's directory), it is a regular file, and it is not reached through an
-absolute locator path, unless the caller explicitly allows those.  The
-parent's footer UUID must equal the child's parent UUID and dynamic block
-sizes must agree.  Depth is capped (256 by default) and cycles are refused,
-all before any block data is read.
+newest differencing disk) to the base (a fixed or dynamic disk).  Each parent
+is found by :mod:`vhdcore.parents`: from the child's parent locators and
+parent name, confined to ``allowed_dirs`` (by default the leaf's directory),
+a regular file, never through an absolute locator path unless the caller
+allows those; its footer UUID must equal the child's parent UUID and dynamic
+block sizes must agree.  Depth is capped (256 by default) and cycles are
+refused, all before any block data is read.
 """
 from __future__ import annotations
 
 import mmap
 import os
-import re
 import stat
 from collections.abc import Iterable, Sequence
 
@@ -25,14 +20,9 @@ import numpy as np
 
 from . import _io, kernels
 from ._util import aligned_buffer
-from .errors import (
-    ChainCycleError,
-    ChainDepthError,
-    ConfinementError,
-    ParentMismatchError,
-    ParentNotFoundError,
-    VhdError,
-)
+from .errors import (ChainCycleError, ChainDepthError, ConfinementError, ParentNotFoundError,
+                     VhdError)
+from .parents import check_parent, find_parent
 from .vhd.file import PathLike, VhdFile
 from .vhd.format import DEFAULT_BLOCK_SIZE, SECTOR, bitmap_size_for
 from .vhd.overlay import merge_layers, read_blocks_into
@@ -40,154 +30,6 @@ from .vhd.overlay import merge_layers, read_blocks_into
 __all__ = ["Chain", "DEFAULT_MAX_DEPTH", "aligned_buffer", "vhd_to_raw"]
 
 DEFAULT_MAX_DEPTH = 256
-_WIN_ABS = re.compile(r"^[A-Za-z]:[\\/]|^[\\/]{2}")
-
-
-def _within(real: str, roots: Sequence[str]) -> bool:
-    for root in roots:
-        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
-            return True
-    return False
-
-
-def _open_confined(full: str, roots: Sequence[str], allow_special: bool) -> tuple[int | None, str]:
-    """Open ``full`` read-only if it lies inside one of ``roots``: every path
-    component from the root down is opened with ``O_NOFOLLOW`` relative to the
-    directory descriptor before it (``openat``), so a symlink swapped in after
-    the check cannot lead elsewhere; the opened file itself is then checked
-    (a regular file unless ``allow_special``).  Returns (fd, "") or (None, why)."""
-    real = os.path.realpath(full)
-    root = next((r for r in roots if _within(real, [r])), None)
-    if root is None:
-        return None, f"leads to {real}, outside the allowed directories ({', '.join(roots)})"
-    rel = os.path.relpath(real, root)
-    parts = [] if rel == os.curdir else rel.split(os.sep)
-    if not parts or any(pp in ("", os.curdir, os.pardir) for pp in parts):
-        return None, f"leads to {real}, which is not a file inside {root}"
-    cloexec = getattr(os, "O_CLOEXEC", 0)
-    nofollow = getattr(os, "O_NOFOLLOW", 0)
-    odir = getattr(os, "O_DIRECTORY", 0)
-    try:
-        dfd = os.open(root, os.O_RDONLY | odir | cloexec)
-    except OSError as exc:
-        return None, f"cannot open the allowed directory {root}: {exc.strerror}"
-    try:
-        for comp in parts[:-1]:
-            nd = os.open(comp, os.O_RDONLY | odir | nofollow | cloexec, dir_fd=dfd)
-            os.close(dfd)
-            dfd = nd
-        fd = os.open(parts[-1], os.O_RDONLY | nofollow | os.O_NONBLOCK | cloexec, dir_fd=dfd)
-    except OSError as exc:
-        return None, (f"leads to {real}, which changed while it was opened "
-                      f"({exc.strerror}; a symlink swapped in?)")
-    finally:
-        os.close(dfd)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) and not allow_special:
-        os.close(fd)
-        return None, f"leads to {real}, which is not a regular file"
-    try:
-        os.set_blocking(fd, True)
-    except OSError:  # pragma: no cover - some special files
-        pass
-    return fd, ""
-
-
-def _win_basename(raw: str) -> str:
-    return re.split(r"[\\/]", raw.rstrip("\\/"))[-1]
-
-
-def _find_parent(child: VhdFile, *, allowed_dirs: Sequence[str], allow_absolute: bool = False,
-                 allow_special: bool = False) -> tuple[str, int]:
-    """Find and open the parent of a differencing disk, confined to
-    ``allowed_dirs`` (real paths).  Returns (path as found, open read-only fd).
-
-    Locators are tried in the order W2ru, W2ku, MacX, then the parent name.
-    A Windows absolute path (``C:\\...``, ``\\\\server\\...``) is never followed;
-    when nothing else leads to the parent, its base name is looked for in each
-    allowed directory and accepted only if that file's UUID is the child's
-    parent UUID."""
-    assert child.header is not None
-    child_dir = os.path.dirname(os.path.abspath(child.path))
-    candidates: list[tuple[str, str]] = []
-    order = {"W2ru": 0, "W2ku": 1, "MacX": 2}
-    damaged: list[str] = []
-    for code, p in sorted(child.parent_locators(strict=False, damaged=damaged),
-                          key=lambda cp: order.get(cp[0], 9)):
-        candidates.append((code, p))
-    if child.header.parent_name:
-        candidates.append(("parent name", child.header.parent_name))
-    tried: list[str] = [f"a damaged locator ({d})" for d in damaged]
-    refused: list[str] = []
-    seen: set[str] = set()
-    win_names: list[str] = []
-    for code, raw in candidates:
-        p = raw.replace("\\", "/")
-        if "\0" in p or not p.strip():
-            continue
-        if _WIN_ABS.match(raw) or _WIN_ABS.match(p):
-            tried.append(f"{code} {raw!r} (a Windows absolute path)")
-            base = _win_basename(raw)
-            if base and base not in win_names and base not in (".", ".."):
-                win_names.append(base)
-            continue
-        absolute = os.path.isabs(p)
-        full = os.path.normpath(p if absolute else os.path.join(child_dir, p))
-        if full in seen:
-            continue
-        seen.add(full)
-        try:
-            st = os.stat(full)
-        except (FileNotFoundError, NotADirectoryError):
-            tried.append(f"{code} {raw!r} -> {full} (missing)")
-            continue
-        except OSError as exc:
-            tried.append(f"{code} {raw!r} -> {full} ({exc.strerror})")
-            continue
-        if absolute and not allow_absolute:
-            refused.append(f"{code} {raw!r} is an absolute path")
-            continue
-        if not stat.S_ISREG(st.st_mode) and not allow_special:
-            # refuse before opening: opening a device can have side effects
-            refused.append(f"{code} {raw!r} leads to {os.path.realpath(full)}, which is not a "
-                           "regular file")
-            continue
-        fd, why = _open_confined(full, allowed_dirs, allow_special)
-        if fd is None:
-            refused.append(f"{code} {raw!r} {why}")
-            continue
-        return full, fd
-    if not refused:
-        # the base name of a Windows path, in the allowed directories, by UUID
-        want = child.header.parent_uuid
-        dirs = [child_dir] + [d for d in allowed_dirs if d != child_dir]
-        for base in win_names:
-            for d in dirs:
-                full = os.path.join(d, base)
-                if full in seen or not os.path.isfile(full):
-                    continue
-                seen.add(full)
-                fd, why = _open_confined(full, allowed_dirs, allow_special)
-                if fd is None:
-                    refused.append(f"{base!r} in {d} {why}")
-                    continue
-                ok = False
-                try:
-                    with VhdFile(full, _fd=os.dup(fd)) as cand:
-                        ok = cand.footer.unique_id == want
-                        got = str(cand.uuid)
-                except VhdError as exc:
-                    got = f"not a usable VHD: {exc}"
-                if ok:
-                    return full, fd
-                os.close(fd)
-                tried.append(f"{full} (by the base name of a Windows path; its UUID is {got}, "
-                             f"not the parent UUID {child.header.parent_uuid_obj})")
-    if refused:
-        raise ConfinementError(f"{child.path}: parent refused: " + "; ".join(refused))
-    raise ParentNotFoundError(
-        f"{child.path}: parent not found; tried " + ("; ".join(tried) if tried else "no locator")
-    )
 
 
 class Chain:
@@ -241,17 +83,10 @@ class Chain:
         directory is allowed for the parents further down.
         """
         leaf = os.fspath(leaf)
-        if allowed_dirs is None:
-            roots = [os.path.realpath(os.path.dirname(os.path.abspath(leaf)))]
-        else:
-            roots = [os.path.realpath(os.fspath(d)) for d in allowed_dirs]
         explicit = os.fspath(parent) if parent is not None else None
-        if explicit is not None:
-            pdir = os.path.realpath(os.path.dirname(os.path.abspath(explicit)))
-            if pdir not in roots:
-                roots.append(pdir)
+        roots = _allowed_roots(leaf, allowed_dirs, explicit)
         try:
-            st = os.stat(leaf)
+            st: os.stat_result | None = os.stat(leaf)
         except OSError:
             st = None
         if st is not None and not stat.S_ISREG(st.st_mode) and not allow_special:
@@ -262,47 +97,17 @@ class Chain:
             cur = VhdFile.open(leaf, writable=writable)
             while True:
                 layers.append(cur)
-                st = os.fstat(cur._fd)
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    raise ChainCycleError(
-                        f"{cur.path}: chain loops back to {seen[key]} after {len(layers) - 1} disks"
-                    )
-                seen[key] = cur.path
-                if len(layers) > max_depth:
-                    raise ChainDepthError(
-                        f"{leaf}: chain is deeper than the limit of {max_depth} disks"
-                    )
+                _check_walk(cur, layers, seen, leaf, max_depth)
                 if not cur.is_differencing:
                     break
                 if explicit is not None and len(layers) == 1:
-                    try:
-                        pst = os.stat(explicit)
-                    except OSError as exc:
-                        raise ParentNotFoundError(
-                            f"{explicit}: the parent named for {cur.path} cannot be opened: "
-                            f"{exc.strerror}") from None
-                    if not stat.S_ISREG(pst.st_mode):
-                        raise ConfinementError(f"{explicit}: the parent named for {cur.path} is "
-                                               "not a regular file")
-                    pvhd = VhdFile.open(explicit)
+                    pvhd = _open_named_parent(explicit, cur)
                 else:
-                    ppath, pfd = _find_parent(cur, allowed_dirs=roots,
-                                              allow_absolute=allow_absolute,
-                                              allow_special=allow_special)
+                    ppath, pfd = find_parent(cur, allowed_dirs=roots,
+                                             allow_absolute=allow_absolute,
+                                             allow_special=allow_special)
                     pvhd = VhdFile(ppath, _fd=pfd)
-                try:
-                    _check_parent(cur, pvhd)
-                except BaseException:
-                    # keep the parent for the cycle message only if it is a cycle
-                    pst = os.fstat(pvhd._fd)
-                    if (pst.st_dev, pst.st_ino) in seen:
-                        pvhd.close()
-                        raise ChainCycleError(
-                            f"{cur.path}: chain loops back to {seen[(pst.st_dev, pst.st_ino)]}"
-                        ) from None
-                    pvhd.close()
-                    raise
+                _link_parent(cur, pvhd, seen)
                 cur = pvhd
         except BaseException:
             for ly in layers:
@@ -528,18 +333,68 @@ def _drop_pages(vhd: VhdFile, offset: int, length: int) -> None:
             pass
 
 
-def _check_parent(child: VhdFile, parent: VhdFile) -> None:
-    assert child.header is not None
-    if parent.footer.unique_id != child.header.parent_uuid:
-        raise ParentMismatchError(
-            f"{child.path}: parent UUID in its header is {child.header.parent_uuid_obj}, but "
-            f"{parent.path} has UUID {parent.uuid}"
+# ------------------------------------------------------ the steps of Chain.open
+def _allowed_roots(leaf: str, allowed_dirs: Iterable[PathLike] | None,
+                   explicit: str | None) -> list[str]:
+    """The real directories parents may live in: ``allowed_dirs`` (default:
+    the leaf's directory), plus the directory of a parent named explicitly."""
+    if allowed_dirs is None:
+        roots = [os.path.realpath(os.path.dirname(os.path.abspath(leaf)))]
+    else:
+        roots = [os.path.realpath(os.fspath(d)) for d in allowed_dirs]
+    if explicit is not None:
+        pdir = os.path.realpath(os.path.dirname(os.path.abspath(explicit)))
+        if pdir not in roots:
+            roots.append(pdir)
+    return roots
+
+
+def _check_walk(cur: VhdFile, layers: list[VhdFile], seen: dict[tuple[int, int], str],
+                leaf: str, max_depth: int) -> None:
+    """Refuse a chain that comes back to a file it holds, or grows past
+    ``max_depth``; note ``cur`` (the newest of ``layers``) as seen."""
+    st = os.fstat(cur._fd)
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        raise ChainCycleError(
+            f"{cur.path}: chain loops back to {seen[key]} after {len(layers) - 1} disks"
         )
-    if not parent.is_fixed and parent.block_size != child.block_size:
-        raise ParentMismatchError(
-            f"{child.path}: block size {child.block_size} differs from its parent "
-            f"{parent.path}'s {parent.block_size}"
+    seen[key] = cur.path
+    if len(layers) > max_depth:
+        raise ChainDepthError(
+            f"{leaf}: chain is deeper than the limit of {max_depth} disks"
         )
+
+
+def _open_named_parent(explicit: str, cur: VhdFile) -> VhdFile:
+    """Open the parent named for ``cur`` by the caller: a regular file."""
+    try:
+        pst = os.stat(explicit)
+    except OSError as exc:
+        raise ParentNotFoundError(
+            f"{explicit}: the parent named for {cur.path} cannot be opened: "
+            f"{exc.strerror}") from None
+    if not stat.S_ISREG(pst.st_mode):
+        raise ConfinementError(f"{explicit}: the parent named for {cur.path} is "
+                               "not a regular file")
+    return VhdFile.open(explicit)
+
+
+def _link_parent(cur: VhdFile, pvhd: VhdFile, seen: dict[tuple[int, int], str]) -> None:
+    """Check that ``pvhd`` is ``cur``'s parent; else close it and raise (a
+    cycle, when it is a file already in the chain, else the mismatch)."""
+    try:
+        check_parent(cur, pvhd)
+    except BaseException:
+        # keep the parent for the cycle message only if it is a cycle
+        pst = os.fstat(pvhd._fd)
+        if (pst.st_dev, pst.st_ino) in seen:
+            pvhd.close()
+            raise ChainCycleError(
+                f"{cur.path}: chain loops back to {seen[(pst.st_dev, pst.st_ino)]}"
+            ) from None
+        pvhd.close()
+        raise
 
 
 def vhd_to_raw(vhd_path: PathLike, raw_path: PathLike, *, allowed_dirs: list[PathLike] | None = None

@@ -36,7 +36,9 @@ used is deleted (see :mod:`vhdcore.store.base`).
 Modules: :mod:`~vhdcore.imaging.events` (stages, progress events),
 :mod:`~vhdcore.imaging.state` (the job state), :mod:`~vhdcore.imaging.plan`
 (the plan), :mod:`~vhdcore.imaging.stages` (the stream's stages),
-:mod:`~vhdcore.imaging.job` (the job that runs them).
+:mod:`~vhdcore.imaging.target` (the target: store opened and checked,
+generation, segment size), :mod:`~vhdcore.imaging.job` (the job that runs
+them).
 """
 from __future__ import annotations
 
@@ -58,7 +60,6 @@ from .events import (
 )
 from .job import ImageResult as ImageResult
 from .job import _fs_metadata as _fs_metadata
-from .job import _refuse_existing_image as _refuse_existing_image
 from .job import create_image as create_image
 from .state import (
     STATE_VERSION as STATE_VERSION,
@@ -70,6 +71,7 @@ from .state import (
     _save_state as _save_state,
     job_state_path as job_state_path,
 )
+from .target import _refuse_existing_image as _refuse_existing_image
 
 __all__ = [
     "ProgressEvent",

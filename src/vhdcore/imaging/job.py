@@ -9,11 +9,9 @@ import hashlib
 import json
 import os
 import platform
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 from .._version import __version__
@@ -21,17 +19,11 @@ from ..chain import Chain
 from ..fsmap import fs_free_map
 from ..ops.stream import FreeMap
 from ..vhd.layout import DynamicLayout
-from ..compress import FrameCompressor, frame_bound
+from ..compress import FrameCompressor
 from ..vhd.file import PathLike
-from ..errors import (
-    JobStateError,
-    OutputExistsError,
-    StoreError,
-    StoreNotFoundError,
-    VhdTimeoutError,
-)
-from ..store import choose_segment_size, image_metadata
-from ..store.base import Store
+from ..errors import JobStateError, VhdTimeoutError
+from ..store import UploadStats, image_metadata
+from ..store.base import Manifest, Store
 from .events import ProgressCallback, _Reporter, monotonic
 from .plan import BlockPlanner
 from .stages import SegmentSink, StreamSource
@@ -46,15 +38,9 @@ from .state import (
     job_state_path,
     plan_blocks,
 )
+from .target import _api, check_target, choose_generation, open_target, segment_size_for
 
 __all__ = ["ImageResult", "create_image"]
-
-
-def _api() -> ModuleType:
-    """The package :mod:`vhdcore.imaging`: ``open_store``,
-    ``SegmentUploader`` and ``compress_frame`` are looked up there on use
-    (tests replace them)."""
-    return sys.modules[__package__]
 
 
 @dataclass
@@ -74,7 +60,6 @@ class ImageResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     resumed: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
-
 
 
 def create_image(leaf: PathLike, target_url: str, *, threads: int = 2,
@@ -115,6 +100,9 @@ def create_image(leaf: PathLike, target_url: str, *, threads: int = 2,
     shared bandwidth budget waits here, see :mod:`vhdcore.fleet`).
 
     The source chain is only read.
+
+    Long only for this docstring: the code is a short sequence of steps
+    (open the chain and the target, then :class:`_Job`'s open, plan, upload).
     """
     t0 = monotonic()
     _bound_malloc()
@@ -122,11 +110,7 @@ def create_image(leaf: PathLike, target_url: str, *, threads: int = 2,
     rep.enter("queued", message=f"imaging {os.fspath(leaf)} to {target_url}")
     deadline = t0 + timeout if timeout is not None else None
     chain = Chain.open(leaf, **(chain_options or {}))
-    try:
-        store = _api().open_store(target_url, **(store_options or {}))
-    except BaseException:
-        chain.close()
-        raise
+    store = open_target(chain, target_url, store_options)
     try:
         job = _Job(chain, store, target_url, rep, t0=t0, deadline=deadline,
                    coalesce_timeout=coalesce_timeout, threads=threads,
@@ -199,9 +183,7 @@ class _Job:
                 "the chain changed since); run with --restart to start over")
         # the target, before anything is recorded: a job that cannot start
         # leaves no state behind (and nothing to resume)
-        self.store.prepare_write(create=True)
-        if not resume:
-            _refuse_existing_image(self.store, target_url, replace)
+        check_target(self.store, target_url, resume=resume, replace=replace)
         if old is not None and restart:
             _remove_state(spath)
             old = None
@@ -293,39 +275,9 @@ class _Job:
             sort_keys=True).encode()).digest()[:16]
         layout = DynamicLayout(chain.virtual_size, chain.block_size, unique_id=image_id,
                                timestamp=chain.leaf.footer.timestamp)
-        stream_size = layout.stream_size(len(stored))
-        segment_size = self.segment_size
-        limits = store.segment_limits()
-        if segment_size is None:
-            segment_size = int(self.state.get("segment_size") or 0) or choose_segment_size(
-                frame_bound(stream_size) + 64 * len(stored), limits,
-                max_frame_size=frame_bound(layout.block_stride))
-        floor = limits.min_segment_size + frame_bound(layout.block_stride) + 4096 \
-            if limits.min_segment_size > 1 else 1
-        if segment_size < floor:
-            # segments close before a frame that does not fit: leave room for
-            # one frame above the target's minimum part size (S3: 5 MiB)
-            segment_size = -(-floor // (1 << 20)) << 20
-        if self.state.get("segment_size") not in (None, segment_size):
-            raise JobStateError(f"{self.spath}: the job used segments of "
-                                f"{self.state['segment_size']} bytes, not {segment_size}; "
-                                "resume without --segment-size")
-        self.state["segment_size"] = segment_size
+        segment_size = segment_size_for(store, layout, len(stored), self.segment_size,
+                                        self.state, self.spath)
         return layout, segment_size
-
-    def _generation(self) -> None:
-        """The new image's segments go under a generation the image now at
-        the target does not use: that one stays complete and restorable until
-        the new manifest replaces it (then its segments are deleted)."""
-        store, state = self.store, self.state
-        generation = state.get("generation")
-        if generation is None or generation == store.current_generation():
-            if generation is not None:
-                state["segments"].clear()  # that generation now holds a complete image
-            generation = store.new_generation(seed=self.job_id)
-            state["generation"] = generation
-            self.save()
-        store.set_generation(generation)
 
     def _sink(self, segment_size: int) -> SegmentSink:
         """The packing/upload stage, with what an earlier run stored adopted."""
@@ -356,13 +308,33 @@ class _Job:
         stream_size = layout.stream_size(len(stored))
         self.rep.enter("uploading", message=f"compressing and uploading {len(stored)} blocks",
                        bytes_done=0, bytes_total=stream_size, blocks_total=len(stored))
-        self._generation()
+        choose_generation(self.store, self.state, self.job_id, self.save)
         sink = self._sink(segment_size)
         source = StreamSource(self.chain, stored, layout.head(stored), layout.tail(),
                               threads=self.threads, free_map=self.free_map)
         compressor = FrameCompressor(self.compress_threads,
                                      compress=lambda b: _api().compress_frame(b))
         sink.hashed = source.hasher.wait_for
+        try:
+            digest, manifest = self._store_stream(source, compressor, sink, stream_size,
+                                                  len(stored))
+        finally:
+            compressor.close()
+            try:
+                source.close()
+            except Exception:
+                pass  # the job already failed; its own error is raised
+        self.stage_seconds["uploading"] = monotonic() - tu
+        _remove_state(self.spath)
+        return self._done(len(stored), stream_size, digest, manifest, sink.uploader.stats)
+
+    def _store_stream(self, source: StreamSource, compressor: FrameCompressor,
+                      sink: SegmentSink, stream_size: int, nstored: int
+                      ) -> tuple[str, Manifest]:
+        """The stream stored, then the manifest; the job state saved on the
+        way out.  A timeout or Ctrl-C lets what the uploader holds finish
+        first, then raises :class:`VhdTimeoutError`.  Returns the stream's
+        SHA-256 and the manifest."""
         uploader = sink.uploader
         try:
             try:
@@ -381,9 +353,9 @@ class _Job:
             source.close()
             digest = source.sha.hexdigest()
             try:
-                manifest = uploader.finish(self._metadata(digest, stream_size, len(stored)))
+                manifest = uploader.finish(self._metadata(digest, stream_size, nstored))
                 self.rep.emit(force=True, bytes_done=stream_size, bytes_total=stream_size,
-                              blocks_done=len(stored), blocks_total=len(stored))
+                              blocks_done=nstored, blocks_total=nstored)
             finally:
                 self.save()
         except BaseException:
@@ -393,20 +365,16 @@ class _Job:
             except OSError:
                 pass
             raise
-        finally:
-            compressor.close()
-            try:
-                source.close()
-            except Exception:
-                pass  # the job already failed; its own error is raised
-        self.stage_seconds["uploading"] = monotonic() - tu
-        _remove_state(self.spath)
-        stats = uploader.stats
+        return digest, manifest
+
+    def _done(self, nstored: int, stream_size: int, digest: str, manifest: Manifest,
+              stats: UploadStats) -> ImageResult:
+        """The done stage, and what the job stored."""
         self.rep.enter("done", message=f"image stored at {self.target_url}",
-                       bytes_done=stream_size, bytes_total=stream_size, blocks_done=len(stored),
-                       blocks_total=len(stored))
+                       bytes_done=stream_size, bytes_total=stream_size, blocks_done=nstored,
+                       blocks_total=nstored)
         return ImageResult(
-            url=self.target_url, virtual_size=self.chain.virtual_size, blocks_stored=len(stored),
+            url=self.target_url, virtual_size=self.chain.virtual_size, blocks_stored=nstored,
             stream_size=stream_size, compressed_size=manifest.compressed_size,
             segments=len(manifest.segments), segments_uploaded=stats.uploaded_segments,
             segments_skipped=stats.skipped_segments, sha256=digest,
@@ -483,24 +451,6 @@ def _bound_malloc() -> None:
         libc.mallopt(ctypes.c_int(-3), ctypes.c_int(_MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
-
-
-def _refuse_existing_image(store: Store, target_url: str, replace: bool) -> None:
-    """Raise :class:`OutputExistsError` when an image (or any object) is
-    already stored at the target and ``replace`` is not set."""
-    if replace:
-        return
-    try:
-        store.get_manifest()
-    except StoreNotFoundError:
-        return
-    except StoreError:
-        raise OutputExistsError(
-            f"{target_url}: something that is not a vhdcore image is stored there; "
-            "pass --replace (replace=True) to replace it") from None
-    raise OutputExistsError(
-        f"{target_url}: an image is already stored there; pass --replace (replace=True) to "
-        "replace it, or choose another name")
 
 
 def _fs_metadata(fs_info: dict[str, Any]) -> dict[str, str]:

@@ -234,6 +234,12 @@ class VhdFile(VhdWriter):
         self.sectors_per_block = h.block_size // SECTOR
         self.bitmap_size = bitmap_size_for(h.block_size)
         self.nblocks = -(-f.current_size // h.block_size)
+        self._load_bat(h)
+
+    def _load_bat(self, h: DynamicHeader) -> None:
+        """The BAT of a dynamic or differencing disk, checked against the
+        file (and, to write, its layout); where new blocks go."""
+        f = self.footer
         if h.max_table_entries < self.nblocks:
             raise FormatError(
                 f"{self.path}: BAT has {h.max_table_entries} entries (dynamic header @28) but a "
@@ -245,7 +251,7 @@ class VhdFile(VhdWriter):
                 f"{self.path}: BAT at offset {h.table_offset} with {self.nblocks} entries "
                 f"ends past the data ({self.footer_offset} bytes; truncated?)"
             )
-        self.bat = decode_bat(mv[h.table_offset : bat_end], self.nblocks)
+        self.bat = decode_bat(self.mv[h.table_offset : bat_end], self.nblocks)
         self._bat_dirty: set[int] = set()
         self._validate_bat()
         if self.writable:
