@@ -12,6 +12,7 @@ import pytest
 
 from _builders import read_all
 from vhdcore import coalesce as co
+from vhdcore.bench.machine import evict
 from vhdcore.check import check_file
 from vhdcore.coalesce import coalesce
 from vhdcore.disk import VhdFile, create_differencing, create_dynamic
@@ -74,12 +75,7 @@ def test_old_footer_in_the_gap_is_zeroed(tmp_path):
 
 
 def _evict(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    evict([path])
 
 
 @pytest.mark.skipif(not hasattr(os, "POSIX_FADV_DONTNEED") or co._mincore() is None,

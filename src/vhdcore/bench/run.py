@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from . import engine, imaging, kernels, memory, repo
+from .engine import measure_coalesce, measure_flatten
+from .imaging import measure_imaging
+from .kernels import measure_kernels, measure_memcpy, measure_twin_operations
+from .memory import measure_memory
+from .repo import measure_repo, measure_repo_memory
 from .context import (BLOCK, DEFAULT_REPS, DEFAULT_SIZE, MEMORY_SIZE, QUICK_REPS, QUICK_SIZE,
                       SEGMENT, THREADS, BenchRun)
 from .machine import cpu_busy, fs_type, machine_info
@@ -25,16 +29,16 @@ _ORDER = ["machine", "kernel", "twin", "read", "flatten", "coalesce", "lz4", "up
 
 def _measure_all(b: BenchRun, memory_check: bool) -> None:
     wl = b.workloads()
-    kernels.measure_memcpy(b)
-    kernels.measure_kernels(b)
-    kernels.measure_twin_operations(b, wl)
-    engine.measure_flatten(b, wl)
-    engine.measure_coalesce(b, wl)
-    imaging.measure_imaging(b, wl)
-    repo.measure_repo(b, wl)
+    measure_memcpy(b)
+    measure_kernels(b)
+    measure_twin_operations(b, wl)
+    measure_flatten(b, wl)
+    measure_coalesce(b, wl)
+    measure_imaging(b, wl)
+    measure_repo(b, wl)
     if memory_check:
-        memory.measure_memory(b)
-        repo.measure_repo_memory(b)
+        measure_memory(b)
+        measure_repo_memory(b)
 
 
 def _summary(results: list[Result], t0: float) -> dict[str, Any]:
