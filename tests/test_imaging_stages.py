@@ -225,3 +225,96 @@ def test_state_of_earlier_releases_resumes(tmp_path):
     a = open_store(url).get_manifest().segments
     b = open_store(f"file://{tmp_path}/ref/image").get_manifest().segments
     assert [(s.size, s.etag) for s in a] == [(s.size, s.etag) for s in b]
+
+
+def _source(tmp_path, seed=5):
+    from vhdcore._workloads import make_chain
+
+    w = make_chain(tmp_path / "c", "realistic", size=16 << 20, layers=2, seed=seed,
+                   block_size=512 * 1024)
+    chain = Chain.open(w.leaf)
+    blocks = [blk.index for blk in iter_image_blocks(chain)]
+    layout = DynamicLayout(chain.virtual_size, chain.block_size)
+    expected = [layout.head(blocks)]
+    expected += [bytes(b.bitmap) + bytes(b.data) for b in iter_image_blocks(chain)]
+    expected.append(layout.tail())
+    return chain, blocks, layout, expected
+
+
+def test_stream_source_frames_are_merged_in_place_and_kept_until_released(tmp_path):
+    """Each block's frame is merged into a buffer of its own (no join) that
+    the merge does not reuse before the consumer releases it: without
+    releases every frame still reads as it was yielded; with a release after
+    each frame the merge cycles through a few buffers only."""
+    chain, blocks, layout, expected = _source(tmp_path)
+    with chain:
+        assert len(blocks) > 12
+        src = StreamSource(chain, blocks, expected[0], expected[-1], threads=2)
+        kept = list(src.frames())
+        src.close()
+        assert [bytes(f) for f in kept] == expected
+        owners = {id(f.obj) for f in kept[1:-1] if isinstance(f, memoryview)}
+        assert len(owners) == len(blocks)  # nothing reused without a release
+
+        src = StreamSource(chain, blocks, expected[0], expected[-1], threads=2)
+        seen, owners = [], set()
+        for i, frame in enumerate(src.frames()):
+            seen.append(bytes(frame))
+            if isinstance(frame, memoryview):
+                owners.add(id(frame.obj))
+            src.release(i)
+        src.close()
+        assert seen == expected
+        # the merge window, the frames the hasher has not reached (its queue
+        # and the one in its hands), and the frame in hand
+        assert len(owners) <= 2 * 2 + src.hasher._q.maxsize + 2
+
+
+def test_stream_source_release_waits_for_the_hasher(tmp_path):
+    """A released frame's buffer goes back to the merge only once the
+    stream's SHA-256 has read it: with a slow hasher and a release right
+    after each frame, the digest is still the stream's, and the merge
+    used more buffers than with a fast one but no more than the hasher's
+    queue allows."""
+    import time as _time
+
+    chain, blocks, layout, expected = _source(tmp_path, seed=6)
+
+    class SlowSha:
+        def __init__(self):
+            self.inner = hashlib.sha256()
+
+        def update(self, data):
+            _time.sleep(0.002)  # lets the merge run ahead of the hasher
+            self.inner.update(data)
+
+        def hexdigest(self):
+            return self.inner.hexdigest()
+
+    with chain:
+        src = StreamSource(chain, blocks, expected[0], expected[-1], threads=2)
+        slow = src.hasher.sha = SlowSha()
+        owners = set()
+        for i, frame in enumerate(src.frames()):
+            if isinstance(frame, memoryview):
+                owners.add(id(frame.obj))
+            src.release(i)
+        src.close()
+    assert slow.hexdigest() == hashlib.sha256(b"".join(expected)).hexdigest()
+    assert 2 * 2 + 1 < len(owners) <= 2 * 2 + src.hasher._q.maxsize + 2
+
+
+def test_held_block_is_not_reused_and_hold_is_once(tmp_path):
+    chain, blocks, layout, expected = _source(tmp_path, seed=7)
+    with chain:
+        it = iter_image_blocks(chain, threads=2, frames=True)
+        first = next(it)
+        give_back = first.hold()
+        with pytest.raises(ValueError):
+            first.hold()
+        copy = bytes(first.frame)
+        assert copy == bytes(first.bitmap) + bytes(first.data) == expected[1]
+        rest = [bytes(b.frame) for b in it]
+        assert bytes(first.frame) == copy  # kept while the others were merged
+        assert rest == expected[2:-1]
+        give_back()

@@ -24,10 +24,12 @@ from vhdcore.compress import compress_frame, stream_bound
 from vhdcore.errors import IntegrityError, StoreError, StoreNotFoundError, UploadError
 from vhdcore.store import (
     DirectoryStore,
+    FrameList,
     GiB,
     MiB,
     SegmentInfo,
     SegmentLimits,
+    SegmentPacker,
     SegmentUploader,
     UploadStats,
     choose_segment_size,
@@ -255,6 +257,92 @@ def test_pack_segments_is_deterministic(stream: ImageStream) -> None:
     b = [(i, hashlib.md5(d).hexdigest()) for i, d in pack_segments(iter(list(stream.frames)), SEG)]
     assert a == b
     assert all(len(d) <= SEG for _, d in pack_segments(stream.frames, SEG))
+
+
+def test_packer_frames_are_the_joined_segment() -> None:
+    """``flush_frames`` closes the same segments as ``flush``, as the frames
+    themselves (the same objects, not copies)."""
+    frames = [bytes([i]) * (10 + 7 * i) for i in range(12)]
+    a, b = SegmentPacker(100), SegmentPacker(100)
+    joined, listed = [], []
+    for i, f in enumerate(frames):
+        if a.pending_bytes and a.pending_bytes + len(f) > 100:
+            joined.append(a.flush(i))
+            listed.append(b.flush_frames(i))
+        a.add(i, f)
+        b.add(i, f)
+    joined.append(a.flush(len(frames)))
+    listed.append(b.flush_frames(len(frames)))
+    assert [(i, first, n, d) for i, first, n, d in joined] == \
+        [(i, first, n, fl.tobytes()) for i, first, n, fl in listed]
+    assert all(len(fl) == len(fl.tobytes()) for *_, fl in listed)
+    assert all(p is frames[k] for _, first, _, fl in listed for k, p in enumerate(fl, first))
+
+
+def test_writes_of_a_list_of_buffers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_io.pwrite_all`` of a list writes the buffers back to back, with
+    more buffers than one ``pwritev`` takes and through short writes; under
+    the fault injector it is one operation."""
+    from vhdcore import _io
+
+    parts = [bytes([i % 251]) * (i % 5) for i in range(2500)] + [memoryview(b"xyz"), bytearray(b"q")]
+    want = b"".join(bytes(p) for p in parts)
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        _io.pwrite_all(fd, parts, 5)
+        assert path.read_bytes() == bytes(5) + want
+        real = os.pwritev
+        calls = []
+
+        def short(fd: int, bufs: list, offset: int) -> int:  # at most 7 bytes a call
+            calls.append(len(bufs))
+            out = b"".join(bytes(b) for b in bufs)[:7]
+            return real(fd, [out], offset)
+
+        monkeypatch.setattr(_io.os, "pwritev", short)
+        os.ftruncate(fd, 0)
+        _io.pwrite_all(fd, parts, 0)
+        assert path.read_bytes() == want
+        assert max(calls) <= 1024 and len(calls) >= len(want) // 7
+        monkeypatch.setattr(_io.os, "pwritev", real)
+        with _io.inject(_io.FaultPlan(at=0)) as plan:
+            _io.pwrite_all(fd, parts, 0)
+        assert plan.ops == ["pwrite"]
+    finally:
+        os.close(fd)
+
+
+def test_frame_reader_reads_the_frames_in_order() -> None:
+    from vhdcore.store.base import FrameReader
+
+    parts = [b"abc", b"", bytearray(b"defgh"), memoryview(b"ij")]
+    r = FrameReader(FrameList(parts))
+    assert len(r) == 10
+    got = []
+    while chunk := r.read(4):
+        assert 0 < len(chunk) <= 4
+        got.append(bytes(chunk))
+    assert b"".join(got) == b"abcdefghij" and r.tell() == 10
+    assert r.read() == b""
+    assert r.seek(0) == 0 and bytes(r.read()) == b"abc" and bytes(r.read(100)) == b"defgh"
+    with pytest.raises(OSError):
+        r.seek(3)
+
+
+def test_segment_as_frames_is_stored_like_its_bytes(tmp_path: Path) -> None:
+    """A segment handed over as a FrameList is stored, and MD5'd by the
+    uploader, exactly as the joined bytes would be."""
+    frames = [compress_frame(os.urandom(3000) + bytes(5000)) for _ in range(5)]
+    joined = b"".join(frames)
+    md5 = hashlib.md5(joined).hexdigest()
+    store = DirectoryStore(tmp_path, "img", durable=False)
+    store.prepare_write()
+    with SegmentUploader(store, concurrency=2) as up:
+        up.submit(0, FrameList(frames))
+        got = up.wait()
+    assert got == [SegmentInfo(0, len(joined), md5)]
+    assert store.get_segment(0) == joined
 
 
 def test_head_segment_uploaded_last(tmp_path: Path, stream: ImageStream) -> None:

@@ -79,6 +79,25 @@ def test_round_trip(container: str, stream: ImageStream, tmp_path: Path) -> None
 
 
 @lz4_tool
+def test_segment_as_frames_reaches_swift_whole(container: str, stream: ImageStream) -> None:
+    """A segment handed over as its frames (as the imaging job does) is sent
+    with its length, read from the frames without a join, and stored byte
+    for byte; the server checks the MD5."""
+    import hashlib
+
+    from vhdcore.store import FrameList
+
+    frames = [stream.frames[i] for i in range(6)]
+    joined = b"".join(frames)
+    s = store(container, retry=RetryPolicy(attempts=1, deadline=10.0))
+    s.prepare_write()
+    etag = s.put_segment(0, FrameList(frames), hashlib.md5(joined).hexdigest())
+    assert etag == hashlib.md5(joined).hexdigest()
+    assert s.get_segment(0) == joined
+    with pytest.raises(UploadError):  # the server refuses a body that does not match
+        s.put_segment(1, FrameList(frames), hashlib.md5(b"other").hexdigest())
+
+
 def test_whole_object_get_decompresses_with_lz4_tool(container: str, stream: ImageStream) -> None:
     upload_frames(store(container), stream.frames, segment_size=SEG, metadata=stream.metadata)
     _, body = swift_connection().get_object(container, "images/disk.vhd")  # the SLO: all segments

@@ -11,11 +11,18 @@ import contextlib
 import errno
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Union, cast
 
 __all__ = ["pwrite_all", "fsync", "ftruncate", "replace", "unlink", "fsync_dir", "atomic_write",
            "create_temp", "make_dirs", "start_writeback", "will_need", "FILE_MODE", "PRIVATE_MODE", "FaultPlan", "inject", "SimulatedCrash"]
+
+Buffer = Union[bytes, bytearray, memoryview]
+#: what the write functions take: a buffer, or a list or tuple of buffers
+#: written one after another
+Data = Union[Buffer, Sequence[Buffer]]
 
 #: mode of every new file vhdcore writes: the process umask decides (like cp
 #: or qemu-img); only job state and checkpoints use PRIVATE_MODE
@@ -75,9 +82,18 @@ def _fail(plan: FaultPlan, op: str) -> None:
     raise OSError(code, f"{os.strerror(code)} (injected at operation {plan.count}, {op})")
 
 
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    """Write all of ``data`` at ``offset`` (looping over short writes)."""
-    view = memoryview(data).cast("B")
+def pwrite_all(fd: int, data: Data, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (looping over short writes).
+    ``data`` is a buffer, or a list or tuple of buffers written one after
+    another (``pwritev``: one operation, no join)."""
+    if isinstance(data, (list, tuple)):
+        if _plan is None and _observer is None:
+            _pwritev_all(fd, data, offset)
+            return
+        one: Buffer = b"".join(data)  # under test: one operation like any other write
+    else:
+        one = cast(Buffer, data)
+    view = memoryview(one).cast("B")
     plan = _tick("pwrite")
     if plan is not None:
         if plan.kind == "short" and len(view) > 1:
@@ -97,6 +113,28 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         offset += n
     if _observer is not None:
         _observer("pwrite", fd, start, whole)
+
+
+#: buffers per pwritev call (Linux's IOV_MAX is 1024)
+_IOV_MAX = 1024
+
+
+def _pwritev_all(fd: int, parts: Sequence[Buffer], offset: int) -> None:
+    views = deque(memoryview(p).cast("B") for p in parts if len(p))
+    while views:
+        batch = [views[i] for i in range(min(len(views), _IOV_MAX))]
+        n = os.pwritev(fd, batch, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, f"write at {offset} wrote nothing")
+        offset += n
+        while n:
+            head = views[0]
+            if n >= len(head):
+                n -= len(head)
+                views.popleft()
+            else:
+                views[0] = head[n:]
+                n = 0
 
 
 def fsync(fd: int) -> None:
@@ -164,7 +202,7 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, data: bytes | bytearray | memoryview, *, durable: bool = True,
+def atomic_write(path: str, data: Data, *, durable: bool = True,
                  private: bool = False) -> None:
     """Replace ``path`` with ``data`` all at once: a temporary file beside it,
     fsynced (when ``durable``), renamed over ``path``, the directory fsynced.

@@ -34,6 +34,13 @@ import os
 import sys
 from collections.abc import Sequence
 
+# numpy's OpenBLAS starts a thread per CPU at import that spins for a while
+# (about 0.1 CPU-seconds, a quarter of what starting ``image`` costs) and
+# vhdcore calls no BLAS routine: a command needs none of those threads.  Only
+# here, where vhdcore owns the process; the library leaves its host alone.
+if "numpy" not in sys.modules:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 from .._version import __version__
 from ..errors import VhdError, VhdTimeoutError
 from . import disk, fleet, image, ops, repo, tools

@@ -16,7 +16,6 @@ from typing import Any
 
 from .._version import __version__
 from ..chain import Chain
-from ..fsmap import fs_free_map
 from ..ops.stream import FreeMap
 from ..vhd.layout import DynamicLayout
 from ..compress import FrameCompressor
@@ -196,6 +195,10 @@ class _Job:
         self.resumed = old is not None
         self.free_map = free_map
         if fs_aware and free_map is None:
+            # imported here: the filesystem readers are a tenth of the
+            # start-up of ``image``, and a job without the map needs none
+            from ..fsmap import fs_free_map
+
             self.free_map, self.fs_info = fs_free_map(chain)
         self.save()
 
@@ -396,6 +399,7 @@ class _Job:
             for frame in frames:
                 meta = source.meta.popleft()
                 sent = sink.take(meta, frame)
+                source.release(meta.index)
                 done += meta.size
                 rep.emit(force=sent, bytes_done=done, bytes_total=stream_size,
                          blocks_done=max(0, meta.rank + 1), blocks_total=nblocks)
@@ -433,22 +437,35 @@ class _Job:
 _PENDING_BYTES = 32 << 20
 #: allocations from this size up are mapped afresh and returned at once (glibc)
 _MMAP_THRESHOLD = 4 << 20
+#: free memory at the top of a heap kept for reuse up to this size (glibc)
+_TRIM_THRESHOLD = 64 << 20
 
 
 def _bound_malloc() -> None:
-    """Make glibc map every allocation of :data:`_MMAP_THRESHOLD` bytes or
-    more afresh and return it when freed.  Its default threshold rises to
-    the largest block freed so far (up to 32 MiB), after which the
-    segments (8-32 MiB, made and freed one after another by different
-    threads) come from the heap arenas and stay resident as fragments: about
-    a third of the job's peak RSS.  Segments are few, so mapping them costs
-    little.  Left alone where ``MALLOC_MMAP_THRESHOLD_`` is set, and off
-    glibc."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or platform.libc_ver()[0] != "glibc":
+    """Set glibc's two thresholds for the stream's allocation pattern: many
+    blocks of 1-2 MiB (lz4's output and work buffers) made and freed by
+    different threads, a few larger ones.
+
+    * Every allocation of :data:`_MMAP_THRESHOLD` bytes or more is mapped
+      afresh and returned when freed.  The default threshold rises to the
+      largest block freed so far (up to 32 MiB), after which large buffers
+      come from the heap arenas and stay resident as fragments.
+    * Setting the first turns off glibc's matching rise of the trim
+      threshold, which would then stay at 128 KiB: every freed 2 MiB at the
+      top of an arena went back to the kernel and the next allocation
+      faulted and zeroed it afresh (page faults took about a tenth of the
+      job's CPU time).  Up to :data:`_TRIM_THRESHOLD` of free memory stays
+      in the arenas instead, which the job reuses at once.
+
+    Left alone where ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_``
+    is set, and off glibc."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_") \
+            or platform.libc_ver()[0] != "glibc":
         return
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(ctypes.c_int(-3), ctypes.c_int(_MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+        libc.mallopt(ctypes.c_int(-1), ctypes.c_int(_TRIM_THRESHOLD))  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 

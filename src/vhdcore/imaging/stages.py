@@ -37,7 +37,7 @@ from ..chain import Chain
 from ..ops.stream import FreeMap, iter_image_blocks
 from ..errors import IntegrityError, JobStateError
 from ..store import SegmentPacker, SegmentUploader
-from ..store.base import SegmentInfo
+from ..store.base import Buffer, FrameList, SegmentInfo
 
 __all__ = ["RawFrame", "StreamHasher", "StreamSource", "SegmentSink", "segments_digest"]
 
@@ -70,7 +70,7 @@ class StreamHasher:
 
     def __init__(self, depth: int = 8) -> None:
         self.sha = hashlib.sha256()
-        self._q: queue.Queue[tuple[RawFrame, bytes] | None] = queue.Queue(maxsize=depth)
+        self._q: queue.Queue[tuple[RawFrame, Buffer] | None] = queue.Queue(maxsize=depth)
         self._cond = threading.Condition()
         self._done = 0  # frames [0, _done) are hashed
         self._error: BaseException | None = None
@@ -95,7 +95,7 @@ class StreamHasher:
                 self._error = exc
                 self._cond.notify_all()
 
-    def put(self, meta: RawFrame, raw: bytes) -> None:
+    def put(self, meta: RawFrame, raw: Buffer) -> None:
         """Queue frame ``meta.index`` (frames come in order)."""
         while True:
             if self._error is not None:
@@ -105,6 +105,10 @@ class StreamHasher:
                 return
             except queue.Full:
                 continue
+
+    def hashed(self) -> int:
+        """How many frames are hashed (frames ``[0, hashed())``)."""
+        return self._done
 
     def wait_for(self, index: int) -> None:
         """Block until frame ``index`` is hashed."""
@@ -152,41 +156,59 @@ class StreamSource:
         self.sha = self.hasher.sha
         self.bytes_read = 0
         self.meta: deque[RawFrame] = deque()
+        #: frames whose buffers come back to the merge's pool on release
+        self._held: deque[tuple[int, Callable[[], None]]] = deque()
 
     @property
     def nframes(self) -> int:
         return len(self.stored) + 2
 
-    def _blocks(self) -> Iterator[tuple[bytes, int]]:
+    def _blocks(self) -> Iterator[tuple[Buffer, int, Callable[[], None] | None]]:
         stored, chain = self.stored, self.chain
         rank = 0
+        # each frame is merged straight into a buffer of its own (bitmap and
+        # data adjacent: no join) and held until :meth:`release`
         for blk in iter_image_blocks(chain, threads=self.threads, blocks=stored,
-                                     free_map=self.free_map):
+                                     free_map=self.free_map, frames=True):
             if rank >= len(stored) or blk.index != stored[rank]:
                 want = stored[rank] if rank < len(stored) else "none"
                 raise IntegrityError(f"block {blk.index} of {chain.leaf.path} appeared where "
                                      f"the plan has block {want}: the chain changed")
-            # one allocation and one copy (bytes(a) + bytes(b) made three)
-            yield b"".join((blk.bitmap, blk.data)), rank
+            assert blk.frame is not None
+            yield blk.frame, rank, blk.hold()
             rank += 1
         if rank != len(stored):
             raise IntegrityError(f"{chain.leaf.path}: {len(stored) - rank} planned blocks "
                                  "now read as empty: the chain changed during imaging")
 
-    def _raw(self) -> Iterator[tuple[bytes, int]]:
-        yield self.head, -1
+    def _raw(self) -> Iterator[tuple[Buffer, int, Callable[[], None] | None]]:
+        yield self.head, -1, None
         yield from self._blocks()
-        yield self.tail, -1
+        yield self.tail, -1, None
 
-    def frames(self, wanted: Callable[[int], bool] | None = None) -> Iterator[bytes | None]:
+    def frames(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Buffer | None]:
         """The frames' bytes in order; ``None`` where ``wanted(index)`` is
-        False (the frame is still read and hashed)."""
-        for index, (raw, rank) in enumerate(self._raw()):
+        False (the frame is still read and hashed).  A frame's buffer is
+        reused once the consumer calls :meth:`release` with its index: it
+        must, after the frame was compressed, for every frame."""
+        for index, (raw, rank, give_back) in enumerate(self._raw()):
             meta = RawFrame(index, len(raw), -1, rank)
+            if give_back is not None:
+                self._held.append((index, give_back))
             self.hasher.put(meta, raw)
             self.bytes_read += len(raw)
             self.meta.append(meta)
             yield raw if wanted is None or wanted(index) else None
+
+    def release(self, index: int) -> None:
+        """The consumer is done with frames up to ``index``: their buffers
+        go back to the merge once the hasher is done with them too (checked
+        here, without waiting: one the hasher has not reached yet goes back
+        at a later call, and the merge takes a fresh buffer meanwhile; the
+        hasher's queue bounds how many that can be)."""
+        held, hashed = self._held, self.hasher.hashed
+        while held and held[0][0] <= index and held[0][0] < hashed():
+            held.popleft()[1]()
 
     def close(self) -> None:
         """Finish hashing (:attr:`sha` is then the stream's digest)."""
@@ -241,7 +263,7 @@ class SegmentSink:
         sent = False
         if index in self.reusable:
             # the segment holding frames [first, first+count) is in the store
-            sent = self._send(self.packer.flush(index))
+            sent = self._send(self.packer.flush_frames(index))
             k, rec = self.reusable[index]
             if k != self.packer.index:
                 raise JobStateError(f"{self.where}: segment {k} recorded at frame {index} "
@@ -258,7 +280,7 @@ class SegmentSink:
         assert frame is not None
         if self.packer.pending_bytes and self.packer.pending_bytes + len(frame) > \
                 self.packer.segment_size:
-            sent = self._send(self.packer.flush(index)) or sent
+            sent = self._send(self.packer.flush_frames(index)) or sent
         self._frames.append(meta)
         self.packer.add(index, frame)
         return sent
@@ -272,7 +294,7 @@ class SegmentSink:
         self.uploader.adopt(self.existing[k])
         self._skip, self._frames = None, []
 
-    def _send(self, seg: tuple[int, int, int, bytes] | None) -> bool:
+    def _send(self, seg: tuple[int, int, int, FrameList] | None) -> bool:
         if seg is None:
             return False
         index, first, count, data = seg
@@ -292,4 +314,4 @@ class SegmentSink:
 
     def flush(self, nframes: int) -> bool:
         """Close the last segment (after frame ``nframes - 1``)."""
-        return self._send(self.packer.flush(nframes))
+        return self._send(self.packer.flush_frames(nframes))

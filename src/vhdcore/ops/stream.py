@@ -16,7 +16,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -63,13 +63,27 @@ PREFETCH_BLOCKS = 16
 @dataclass
 class ImageBlock:
     """One merged block with data.  ``bitmap`` and ``data`` are views of
-    reused buffers: valid until the iterator advances."""
+    reused buffers: valid until the iterator advances, unless the block is
+    held (:meth:`hold`)."""
 
     index: int
     nsectors: int
     sectors_set: int
     bitmap: memoryview
     data: memoryview
+    #: bitmap and data as one buffer (``iter_image_blocks(frames=True)``)
+    frame: memoryview | None = None
+    _give_back: Callable[[], None] | None = field(default=None, repr=False)
+
+    def hold(self) -> Callable[[], None]:
+        """Keep this block's buffers past the iterator's next step (the
+        iterator then does not reuse them); returns the function that
+        hands them back, to be called once the caller is done with them.
+        Memory grows by one block per block held and not handed back."""
+        give, self._give_back = self._give_back, None
+        if give is None:
+            raise ValueError(f"block {self.index}: held already, or its buffers are not pooled")
+        return give
 
 def _clear_bitmap_tail(bitmap: memoryview, nsectors: int) -> None:
     """Clear every bit of ``bitmap`` past sector ``nsectors`` (bit 7 of byte
@@ -92,7 +106,7 @@ def _apply_free(bitmap: memoryview, nsectors: int, free: bytes) -> None:
 def iter_image_blocks(chain: BlockSource, *, threads: int = 2,
                       blocks: Iterable[int] | None = None, free_map: FreeMap | None = None,
                       window: int | None = None, elide_zero: bool = True,
-                      prefetch: int = 0) -> Iterator[ImageBlock]:
+                      prefetch: int = 0, frames: bool = False) -> Iterator[ImageBlock]:
     """Merge the chain's blocks in parallel threads, in block order, and yield
     those that carry data.  With ``elide_zero`` every all-zero sector's bit is
     cleared, so a block reads back the same with fewer sectors stored; a block
@@ -100,18 +114,23 @@ def iter_image_blocks(chain: BlockSource, *, threads: int = 2,
     sectors a filesystem marks free.  At most ``window`` blocks are in memory.
     ``prefetch``: a helper thread asks the kernel to read this many blocks
     ahead of the merge (:meth:`vhdcore.chain.Chain.prefetch_block`; for
-    cold caches).
+    cold caches).  ``frames``: each block's bitmap and data lie in one
+    buffer (:attr:`ImageBlock.frame`, the image stream's frame, so no join
+    is needed), and a block may be kept past the next step with
+    :meth:`ImageBlock.hold`.
     """
     todo = [int(b) for b in (chain.allocated_blocks() if blocks is None else blocks)]
     skip = getattr(free_map, "skip_blocks", None)
     if skip:
         todo = [b for b in todo if b not in skip]
     if prefetch <= 0 or not todo:
-        yield from _iter_merged(chain, todo, threads, free_map, window, elide_zero, None)
+        yield from _iter_merged(chain, todo, threads, free_map, window, elide_zero, None,
+                                frames)
         return
     ahead = _Prefetcher(chain, todo, prefetch)
     try:
-        yield from _iter_merged(chain, todo, threads, free_map, window, elide_zero, ahead)
+        yield from _iter_merged(chain, todo, threads, free_map, window, elide_zero, ahead,
+                                frames)
     finally:
         ahead.stop()
 
@@ -155,11 +174,12 @@ class _Prefetcher:
 
 
 
-_Buffers = tuple[memoryview, memoryview]
+_Buffers = tuple[memoryview, memoryview, "memoryview | None"]
 _Merged = tuple[int, int, int, _Buffers]
 
 
-def _merge_into(chain: BlockSource, blk: int, bufs: _Buffers, free_map: FreeMap | None,
+def _merge_into(chain: BlockSource, blk: int, bufs: tuple[memoryview, memoryview],
+                free_map: FreeMap | None,
                 elide_zero: bool) -> tuple[int, int]:
     """Merge block ``blk`` into ``bufs`` (bitmap, data), drop its free and
     (with ``elide_zero``) all-zero sectors; returns (sectors in the block,
@@ -191,32 +211,36 @@ def _merge_into(chain: BlockSource, blk: int, bufs: _Buffers, free_map: FreeMap 
 def _iter_merged(chain: BlockSource, todo: list[int], threads: int,
                  free_map: FreeMap | None,
                  window: int | None, elide_zero: bool,
-                 ahead: _Prefetcher | None) -> Iterator[ImageBlock]:
+                 ahead: _Prefetcher | None, frames: bool = False) -> Iterator[ImageBlock]:
     threads = max(1, threads)
     # buffers for at most the blocks there are (a sparse disk with huge blocks
     # and nothing stored needs none)
     window = min(window or threads * 2, len(todo))
-    free_bufs: deque[_Buffers] = deque(
-        (aligned_buffer(chain.bitmap_size), aligned_buffer(chain.block_size))
-        for _ in range(window))
-    lock = threading.Lock()
+    pool = _BufferPool(chain.bitmap_size, chain.block_size, frames)
+    free_bufs = pool.free
+    for _ in range(window):
+        free_bufs.append(pool.new())
+    lock = pool.lock
 
     def work(blk: int) -> _Merged:
-        with lock:
-            bufs = free_bufs.popleft()
+        bufs = pool.take()
         if ahead is not None:
             ahead.advance()
-        n, filled = _merge_into(chain, blk, bufs, free_map, elide_zero)
+        n, filled = _merge_into(chain, blk, bufs[:2], free_map, elide_zero)
         return blk, n, filled, bufs
 
     def emit(done: _Merged) -> Iterator[ImageBlock]:
         b, n, filled, bufs = done
+        block = None
         try:
             if filled:
-                yield ImageBlock(b, n, filled, bufs[0], bufs[1])
+                block = ImageBlock(b, n, filled, bufs[0], bufs[1], bufs[2],
+                                   lambda: pool.give(bufs))
+                yield block
         finally:
-            with lock:
-                free_bufs.append(bufs)
+            if block is None or block._give_back is not None:
+                with lock:
+                    free_bufs.append(bufs)
 
     if threads == 1:
         for blk in todo:
@@ -224,6 +248,34 @@ def _iter_merged(chain: BlockSource, todo: list[int], threads: int,
         return
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vhdcore-merge") as ex:
         yield from _in_order(ex, work, emit, todo, window)
+
+
+class _BufferPool:
+    """The merge's buffers: (bitmap, data, frame); with ``frames`` the bitmap
+    and the data are the two parts of one buffer (``frame``), else ``frame``
+    is None.  A block that is held gets a fresh buffer in its place when
+    none is free; handing it back makes it free again."""
+
+    def __init__(self, bitmap_size: int, block_size: int, frames: bool) -> None:
+        self.bitmap_size, self.block_size, self.frames = bitmap_size, block_size, frames
+        self.free: deque[_Buffers] = deque()
+        self.lock = threading.Lock()
+
+    def new(self) -> _Buffers:
+        if not self.frames:
+            return aligned_buffer(self.bitmap_size), aligned_buffer(self.block_size), None
+        whole = aligned_buffer(self.bitmap_size + self.block_size)
+        return whole[: self.bitmap_size], whole[self.bitmap_size :], whole
+
+    def take(self) -> _Buffers:
+        with self.lock:
+            if self.free:
+                return self.free.popleft()
+        return self.new()
+
+    def give(self, bufs: _Buffers) -> None:
+        with self.lock:
+            self.free.append(bufs)
 
 
 def _in_order(ex: ThreadPoolExecutor, work: Callable[[int], _Merged],

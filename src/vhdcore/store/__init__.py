@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from .base import (
+    FrameList,
     GiB,
     ImageEntry,
     MiB,
@@ -33,6 +34,7 @@ from .urls import SCHEMES, URL_FORMS, list_images, open_store, parse_url
 __all__ = [
     "MiB",
     "GiB",
+    "FrameList",
     "ImageEntry",
     "Manifest",
     "RetryPolicy",

@@ -24,7 +24,7 @@ import re
 import secrets
 import urllib.parse
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar, Union
 
@@ -35,6 +35,8 @@ from .retry import RetryExhausted, RetryPolicy, call_with_retry
 __all__ = [
     "MiB",
     "GiB",
+    "FrameList",
+    "FrameReader",
     "SegmentInfo",
     "SegmentLimits",
     "ImageEntry",
@@ -58,6 +60,84 @@ GiB = 1 << 30
 
 Buffer = Union[bytes, bytearray, memoryview]
 T = TypeVar("T")
+
+
+class FrameList:
+    """A segment's bytes as the frames that make it up, in order, never
+    joined: a segment is 8 MiB or more, and joining would copy it into
+    freshly mapped memory (the kernel then faults and zeroes every page).
+    ``len()`` is its size in bytes; iterating yields the frames.  The
+    imaging job hands segments to :meth:`Store.put_segment` in this form;
+    every store takes it besides a plain buffer (see :func:`segment_parts`).
+    """
+
+    __slots__ = ("parts", "nbytes")
+
+    def __init__(self, parts: Sequence[Buffer]) -> None:
+        self.parts: tuple[Buffer, ...] = tuple(parts)
+        self.nbytes = sum(len(p) for p in self.parts)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def __iter__(self) -> Iterator[Buffer]:
+        return iter(self.parts)
+
+    def tobytes(self) -> bytes:
+        """The segment as one ``bytes`` (a copy, for APIs that need one)."""
+        return b"".join(self.parts)
+
+
+class FrameReader:
+    """A read-only file over a :class:`FrameList`: :meth:`read` returns
+    views of the frames (no copy), for HTTP clients that send a body read
+    from a file."""
+
+    def __init__(self, frames: FrameList) -> None:
+        self._parts = [memoryview(p).cast("B") for p in frames.parts]
+        self._size = frames.nbytes
+        self.seek(0)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0 or pos != 0:
+            raise OSError("a FrameReader can only go back to its start")
+        self._k, self._off, self._pos = 0, 0, 0
+        return 0
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, size: int = -1) -> memoryview | bytes:
+        parts = self._parts
+        while self._k < len(parts) and self._off >= len(parts[self._k]):
+            self._k, self._off = self._k + 1, 0
+        if self._k >= len(parts) or size == 0:
+            return b""
+        part = parts[self._k]
+        end = len(part) if size < 0 else min(len(part), self._off + size)
+        out = part[self._off : end]
+        self._off = end
+        self._pos += len(out)
+        return out
+
+
+#: what :meth:`Store.put_segment` takes
+SegmentData = Union[Buffer, FrameList]
+
+
+def segment_parts(data: SegmentData) -> tuple[Buffer, ...]:
+    """The buffers of a segment, in order (one for a plain buffer)."""
+    return data.parts if isinstance(data, FrameList) else (data,)
+
+
+def segment_bytes(data: SegmentData) -> bytes:
+    """A segment as one ``bytes`` (no copy when it is one already)."""
+    if isinstance(data, bytes):
+        return data
+    return data.tobytes() if isinstance(data, FrameList) else bytes(data)
 
 META_VERSION = "vhdcore-version"
 META_FORMAT = "format"
@@ -314,8 +394,9 @@ class Store(ABC):
 
     # -- the interface ----------------------------------------------------
     @abstractmethod
-    def put_segment(self, index: int, data: Buffer, md5_hex: str) -> str:
-        """Store segment ``index``; the store verifies ``md5_hex``; return its ETag."""
+    def put_segment(self, index: int, data: SegmentData, md5_hex: str) -> str:
+        """Store segment ``index`` (a buffer or a :class:`FrameList`); the
+        store verifies ``md5_hex``; return its ETag."""
 
     @abstractmethod
     def list_segments(self) -> dict[int, SegmentInfo]:

@@ -27,8 +27,9 @@ from typing import Any
 from .. import _io
 from ..errors import StoreError, StoreNotFoundError, UploadError
 from .base import (
+    SegmentData,
+    segment_parts,
     _GENERATION_RE,
-    Buffer,
     ImageEntry,
     Manifest,
     SegmentInfo,
@@ -48,9 +49,10 @@ _MANIFEST_VERSION = 1
 DIRECTORY_LIMITS = SegmentLimits(1, 1 << 40, 10_000_000)
 
 
-def _atomic_write(path: Path, data: Buffer, durable: bool) -> None:
-    # through vhdcore._io, so that tests can inject faults here too
-    _io.atomic_write(str(path), data, durable=durable)
+def _atomic_write(path: Path, data: SegmentData, durable: bool) -> None:
+    # through vhdcore._io, so that tests can inject faults here too; a
+    # FrameList goes down as its frames (one vectored write, no join)
+    _io.atomic_write(str(path), segment_parts(data), durable=durable)
 
 
 class DirectoryStore(Store):
@@ -148,7 +150,7 @@ class DirectoryStore(Store):
     def segment_limits(self) -> SegmentLimits:
         return DIRECTORY_LIMITS
 
-    def put_segment(self, index: int, data: Buffer, md5_hex: str) -> str:
+    def put_segment(self, index: int, data: SegmentData, md5_hex: str) -> str:
         path = self._segment_path(index)
         self._check_directory()
         try:

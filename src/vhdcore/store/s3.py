@@ -36,7 +36,7 @@ from typing import Any
 from .._version import __version__
 from ..errors import StoreAuthError, StoreError, StoreNotFoundError, UploadError, VhdError
 from .base import (
-    GiB, MiB, Buffer, ImageEntry, Manifest, SegmentInfo, SegmentLimits, Store, check_metadata, _GENERATION_RE, md5_base64)
+    GiB, MiB, ImageEntry, Manifest, SegmentData, SegmentInfo, SegmentLimits, Store, check_metadata, _GENERATION_RE, md5_base64, segment_bytes)
 from .retry import RetryPolicy
 from .s3_client import (
     AUTH_CODES,
@@ -269,12 +269,12 @@ class S3Store(Store):
             return self._upload_id
 
     # -- segments ----------------------------------------------------------------
-    def put_segment(self, index: int, data: Buffer, md5_hex: str) -> str:
+    def put_segment(self, index: int, data: SegmentData, md5_hex: str) -> str:
         limit = self.segment_limits().max_segments
         if not 0 <= index < limit:
             raise UploadError(f"{self.describe()}: segment {index} is beyond the server's {limit} parts")
         upload_id = self._ensure_upload()
-        body = data if isinstance(data, bytes) else bytes(data)
+        body = segment_bytes(data)  # botocore wants bytes or a seekable file
         resp = self._call(
             f"uploading segment {index} ({len(body)} bytes)",
             lambda: self._client.upload_part(

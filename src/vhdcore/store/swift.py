@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import StoreAuthError, StoreError, StoreNotFoundError, UploadError, VhdError
 from .base import (
-    Buffer, ImageEntry, Manifest, SegmentInfo, SegmentLimits, Store, check_metadata, decode_meta_value, encode_meta_value, is_vhdcore_metadata)
+    FrameList, FrameReader, ImageEntry, Manifest, SegmentData, SegmentInfo, SegmentLimits, Store, check_metadata, decode_meta_value, encode_meta_value, is_vhdcore_metadata)
 from .retry import RetryPolicy, is_transient_status
 from .swift_client import (
     DEFAULT_SWIFT_LIMITS,
@@ -297,16 +297,18 @@ class SwiftStore(Store):
         gen = self.generation if generation is None else generation
         return f"{self.name}/{gen}/{index:08d}" if gen else f"{self.name}/{index:08d}"
 
-    def put_segment(self, index: int, data: Buffer, md5_hex: str) -> str:
+    def put_segment(self, index: int, data: SegmentData, md5_hex: str) -> str:
         self._ensure_segment_container()
         obj = self._segment_object(index)
-        body = data if isinstance(data, bytes) else bytes(data)
+        # frames go out as a file (swiftclient sends any other iterable with
+        # chunked transfer encoding): read in pieces, never joined
+        body: bytes | FrameList = data if isinstance(data, (bytes, FrameList)) else bytes(data)
 
         def put() -> str:
             etag: str = self._conn().put_object(
                 self.segment_container,
                 obj,
-                contents=body,
+                contents=FrameReader(body) if isinstance(body, FrameList) else body,
                 content_length=len(body),
                 etag=md5_hex,
                 content_type=_CONTENT_TYPE,

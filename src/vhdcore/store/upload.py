@@ -26,11 +26,14 @@ from .base import (
     META_VERSION,
     FORMAT_VHD_DYNAMIC,
     Buffer,
+    FrameList,
     Manifest,
+    SegmentData,
     SegmentInfo,
     Store,
     check_metadata,
     check_segment_sequence,
+    segment_parts,
 )
 
 __all__ = ["SegmentPacker", "SegmentUploader", "UploadStats", "pack_segments", "upload_frames"]
@@ -85,12 +88,22 @@ class SegmentPacker:
 
     def flush(self, next_frame: int) -> tuple[int, int, int, bytes] | None:
         """Close the open segment (its frames end before ``next_frame``)."""
+        out = self.flush_frames(next_frame)
+        if out is None:
+            return None
+        index, first, count, frames = out
+        parts = frames.parts
+        data = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else frames.tobytes()
+        return index, first, count, data
+
+    def flush_frames(self, next_frame: int) -> tuple[int, int, int, FrameList] | None:
+        """Like :meth:`flush`, with the segment as its frames (not joined:
+        every store takes a :class:`~vhdcore.store.base.FrameList`)."""
         if not self._parts:
             self.first_frame = next_frame
             return None
-        data = self._parts[0] if len(self._parts) == 1 and isinstance(self._parts[0], bytes) \
-            else b"".join(self._parts)
-        out = (self.index, self.first_frame, next_frame - self.first_frame, data)
+        out = (self.index, self.first_frame, next_frame - self.first_frame,
+               FrameList(self._parts))
         self.index += 1
         self._parts, self._size = [], 0
         self.first_frame = next_frame
@@ -198,7 +211,7 @@ class SegmentUploader:
                 raise err
             raise UploadError(f"{self.store.describe()}: upload failed: {err}") from err
 
-    def submit(self, index: int, data: Buffer, md5_hex: str | None = None) -> None:
+    def submit(self, index: int, data: SegmentData, md5_hex: str | None = None) -> None:
         """Queue segment ``index``; blocks while ``max_pending`` segments are in flight."""
         if self._closed:
             raise RuntimeError("this SegmentUploader is closed")
@@ -230,12 +243,15 @@ class SegmentUploader:
             self.stats.skipped_segments += 1
             self.stats.skipped_bytes += info.size
 
-    def _upload(self, index: int, data: Buffer, md5_hex: str | None) -> None:
+    def _upload(self, index: int, data: SegmentData, md5_hex: str | None) -> None:
         try:
             if self._error is not None:
                 return
             if md5_hex is None:
-                md5_hex = hashlib.md5(data, usedforsecurity=False).hexdigest()
+                md5 = hashlib.md5(usedforsecurity=False)
+                for part in segment_parts(data):
+                    md5.update(part)
+                md5_hex = md5.hexdigest()
             size = len(data)
             assert self._existing is not None
             have = self._existing.get(index)
