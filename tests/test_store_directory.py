@@ -326,8 +326,11 @@ def test_frame_reader_reads_the_frames_in_order() -> None:
     assert b"".join(got) == b"abcdefghij" and r.tell() == 10
     assert r.read() == b""
     assert r.seek(0) == 0 and bytes(r.read()) == b"abc" and bytes(r.read(100)) == b"defgh"
+    assert r.seek(4) == 4 and bytes(r.read(3)) == b"efg" and r.tell() == 7
+    assert r.seek(-2, 2) == 8 and bytes(r.read()) == b"ij"
+    assert r.seek(-5, 1) == 5 and bytes(r.read(1)) == b"f"
     with pytest.raises(OSError):
-        r.seek(3)
+        r.seek(-1)
 
 
 def test_segment_as_frames_is_stored_like_its_bytes(tmp_path: Path) -> None:

@@ -4,11 +4,9 @@ job state, then runs the stages -- the plan (coalescing, 25%), the stream
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
-import platform
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,7 +102,6 @@ def create_image(leaf: PathLike, target_url: str, *, threads: int = 2,
     (open the chain and the target, then :class:`_Job`'s open, plan, upload).
     """
     t0 = monotonic()
-    _bound_malloc()
     rep = _Reporter(progress)
     rep.enter("queued", message=f"imaging {os.fspath(leaf)} to {target_url}")
     deadline = t0 + timeout if timeout is not None else None
@@ -435,39 +432,6 @@ class _Job:
 #: segments handed to the uploader (queued or being sent) are held in memory
 #: up to about this many bytes (at least one segment), besides the one being packed
 _PENDING_BYTES = 32 << 20
-#: allocations from this size up are mapped afresh and returned at once (glibc)
-_MMAP_THRESHOLD = 4 << 20
-#: free memory at the top of a heap kept for reuse up to this size (glibc)
-_TRIM_THRESHOLD = 64 << 20
-
-
-def _bound_malloc() -> None:
-    """Set glibc's two thresholds for the stream's allocation pattern: many
-    blocks of 1-2 MiB (lz4's output and work buffers) made and freed by
-    different threads, a few larger ones.
-
-    * Every allocation of :data:`_MMAP_THRESHOLD` bytes or more is mapped
-      afresh and returned when freed.  The default threshold rises to the
-      largest block freed so far (up to 32 MiB), after which large buffers
-      come from the heap arenas and stay resident as fragments.
-    * Setting the first turns off glibc's matching rise of the trim
-      threshold, which would then stay at 128 KiB: every freed 2 MiB at the
-      top of an arena went back to the kernel and the next allocation
-      faulted and zeroed it afresh (page faults took about a tenth of the
-      job's CPU time).  Up to :data:`_TRIM_THRESHOLD` of free memory stays
-      in the arenas instead, which the job reuses at once.
-
-    Left alone where ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_``
-    is set, and off glibc."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_") \
-            or platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(_MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
-        libc.mallopt(ctypes.c_int(-1), ctypes.c_int(_TRIM_THRESHOLD))  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def _fs_metadata(fs_info: dict[str, Any]) -> dict[str, str]:

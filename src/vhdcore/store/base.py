@@ -19,7 +19,9 @@ restorable, and a stopped upload stays resumable.
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
+import itertools
 import re
 import secrets
 import urllib.parse
@@ -89,39 +91,44 @@ class FrameList:
 
 
 class FrameReader:
-    """A read-only file over a :class:`FrameList`: :meth:`read` returns
-    views of the frames (no copy), for HTTP clients that send a body read
-    from a file."""
+    """A read-only, seekable file over a :class:`FrameList`: :meth:`read`
+    returns views of the frames (no copy), for HTTP clients that send a
+    body read from a file (and rewind it to sign it or to send it again)."""
 
     def __init__(self, frames: FrameList) -> None:
-        self._parts = [memoryview(p).cast("B") for p in frames.parts]
+        self._parts = [memoryview(p).cast("B") for p in frames.parts if len(p)]
+        self._starts = list(itertools.accumulate((len(p) for p in self._parts), initial=0))
         self._size = frames.nbytes
-        self.seek(0)
+        self._pos = 0
 
     def __len__(self) -> int:
         return self._size
 
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
     def seek(self, pos: int, whence: int = 0) -> int:
-        if whence != 0 or pos != 0:
-            raise OSError("a FrameReader can only go back to its start")
-        self._k, self._off, self._pos = 0, 0, 0
-        return 0
+        base = (0, self._pos, self._size)[whence]
+        if base + pos < 0:
+            raise OSError(f"negative seek position {base + pos}")
+        self._pos = base + pos
+        return self._pos
 
     def tell(self) -> int:
         return self._pos
 
     def read(self, size: int = -1) -> memoryview | bytes:
-        parts = self._parts
-        while self._k < len(parts) and self._off >= len(parts[self._k]):
-            self._k, self._off = self._k + 1, 0
-        if self._k >= len(parts) or size == 0:
+        if self._pos >= self._size or size == 0:
             return b""
-        part = parts[self._k]
-        end = len(part) if size < 0 else min(len(part), self._off + size)
-        out = part[self._off : end]
-        self._off = end
-        self._pos += len(out)
-        return out
+        k = bisect.bisect_right(self._starts, self._pos) - 1
+        off = self._pos - self._starts[k]
+        part = self._parts[k]
+        end = len(part) if size is None or size < 0 else min(len(part), off + size)
+        self._pos += end - off
+        return part[off:end]
 
 
 #: what :meth:`Store.put_segment` takes
