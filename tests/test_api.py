@@ -110,6 +110,25 @@ def test_import_is_light():
     assert loaded == ""
 
 
+def test_commands_run_numpy_with_one_blas_thread():
+    """The CLI asks OpenBLAS for one thread (vhdcore calls no BLAS routine and
+    its idle threads spin at import), unless the user chose a number."""
+    code = "import os, vhdcore.cli; print(os.environ.get('OPENBLAS_NUM_THREADS'))"
+    env = {k: v for k, v in _clean_env().items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+    assert _run(code, OPENBLAS_NUM_THREADS="3") == "3"
+
+
+def test_imaging_loads_the_filesystem_readers_only_when_used():
+    loaded = _run("import sys, vhdcore.imaging; "
+                  "print(','.join(m for m in sys.modules if m.startswith(('vhdcore.fsmap', "
+                  "'vhdcore._fs'))))")
+    assert loaded == ""
+
+
 def test_version():
     assert re.fullmatch(r"\d+\.\d+\.\d+([.-]?\w+)?", vhdcore.__version__)
     out = subprocess.run([sys.executable, "-m", "vhdcore", "--version"], capture_output=True,

@@ -333,6 +333,37 @@ def test_frame_reader_reads_the_frames_in_order() -> None:
         r.seek(-1)
 
 
+def test_a_retried_segment_is_sent_whole_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Swift gets a fresh reader over the frames for every attempt: an
+    attempt that read the body and then failed does not leave the next one
+    an exhausted reader."""
+    from swiftclient.exceptions import ClientException
+
+    from vhdcore.store.retry import RetryPolicy
+    from vhdcore.store.swift import SwiftStore
+
+    frames = [b"a" * 5000, b"b" * 3000, b"c" * 7]
+    joined = b"".join(frames)
+    md5 = hashlib.md5(joined).hexdigest()
+    bodies: list[bytes] = []
+
+    class Conn:
+        def put_object(self, container, obj, contents, content_length, etag, content_type):
+            got = b"".join(bytes(c) for c in iter(lambda: contents.read(1024), b""))
+            bodies.append(got)
+            assert content_length == len(joined)
+            if len(bodies) == 1:
+                raise ClientException("busy", http_status=503)
+            return hashlib.md5(got).hexdigest()
+
+    s = SwiftStore("c", "img", retry=RetryPolicy(attempts=3, initial_delay=0.0, jitter=0.0),
+                   auth_url="http://127.0.0.1:9/auth/v1.0", user="u", key="k")
+    monkeypatch.setattr(s, "_conn", lambda: Conn())
+    monkeypatch.setattr(s, "_ensure_segment_container", lambda: None)
+    assert s.put_segment(0, FrameList(frames), md5) == md5
+    assert bodies == [joined, joined]
+
+
 def test_segment_as_frames_is_stored_like_its_bytes(tmp_path: Path) -> None:
     """A segment handed over as a FrameList is stored, and MD5'd by the
     uploader, exactly as the joined bytes would be."""

@@ -141,6 +141,11 @@ class _Reporter:
             return None
         return max(0.0, (bytes_done - b_first) / span)
 
+    def fail(self, exc: BaseException) -> None:
+        """Report the job failed with ``exc`` (the ``failed`` stage)."""
+        self.stage = "failed"
+        self.emit(force=True, message=str(exc) or type(exc).__name__)
+
     def emit(self, *, force: bool = False, message: str = "", bytes_done: int = 0,
              bytes_total: int = 0, blocks_done: int = 0, blocks_total: int = 0,
              upload_total: int | None = None) -> None:

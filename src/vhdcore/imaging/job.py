@@ -118,8 +118,7 @@ def create_image(leaf: PathLike, target_url: str, *, threads: int = 2,
         stored = job.plan()
         return job.upload(stored)
     except BaseException as exc:
-        rep.stage = "failed"
-        rep.emit(force=True, message=str(exc) or type(exc).__name__)
+        rep.fail(exc)
         raise
     finally:
         store.close()

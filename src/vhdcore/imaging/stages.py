@@ -189,8 +189,9 @@ class StreamSource:
     def frames(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Buffer | None]:
         """The frames' bytes in order; ``None`` where ``wanted(index)`` is
         False (the frame is still read and hashed).  A frame's buffer is
-        reused once the consumer calls :meth:`release` with its index: it
-        must, after the frame was compressed, for every frame."""
+        reused once the consumer calls :meth:`release` with its index, after
+        the frame was compressed; without releases the merge takes a new
+        buffer for every frame."""
         for index, (raw, rank, give_back) in enumerate(self._raw()):
             meta = RawFrame(index, len(raw), -1, rank)
             if give_back is not None:

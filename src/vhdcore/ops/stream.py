@@ -75,6 +75,11 @@ class ImageBlock:
     frame: memoryview | None = None
     _give_back: Callable[[], None] | None = field(default=None, repr=False)
 
+    @property
+    def held(self) -> bool:
+        """True once :meth:`hold` was called."""
+        return self._give_back is None
+
     def hold(self) -> Callable[[], None]:
         """Keep this block's buffers past the iterator's next step (the
         iterator then does not reuse them); returns the function that
@@ -216,11 +221,7 @@ def _iter_merged(chain: BlockSource, todo: list[int], threads: int,
     # buffers for at most the blocks there are (a sparse disk with huge blocks
     # and nothing stored needs none)
     window = min(window or threads * 2, len(todo))
-    pool = _BufferPool(chain.bitmap_size, chain.block_size, frames)
-    free_bufs = pool.free
-    for _ in range(window):
-        free_bufs.append(pool.new())
-    lock = pool.lock
+    pool = _BufferPool(chain.bitmap_size, chain.block_size, frames, window)
 
     def work(blk: int) -> _Merged:
         bufs = pool.take()
@@ -238,9 +239,8 @@ def _iter_merged(chain: BlockSource, todo: list[int], threads: int,
                                    lambda: pool.give(bufs))
                 yield block
         finally:
-            if block is None or block._give_back is not None:
-                with lock:
-                    free_bufs.append(bufs)
+            if block is None or not block.held:
+                pool.give(bufs)
 
     if threads == 1:
         for blk in todo:
@@ -256,9 +256,9 @@ class _BufferPool:
     is None.  A block that is held gets a fresh buffer in its place when
     none is free; handing it back makes it free again."""
 
-    def __init__(self, bitmap_size: int, block_size: int, frames: bool) -> None:
+    def __init__(self, bitmap_size: int, block_size: int, frames: bool, count: int) -> None:
         self.bitmap_size, self.block_size, self.frames = bitmap_size, block_size, frames
-        self.free: deque[_Buffers] = deque()
+        self.free: deque[_Buffers] = deque(self.new() for _ in range(count))
         self.lock = threading.Lock()
 
     def new(self) -> _Buffers:

@@ -139,8 +139,7 @@ def create_image(leaf: PathLike, repo_url: str | None, name: str, *,
                 return _run(repo, chain, name, rep, t0, deadline, fs_aware, rehash, threads,
                             concurrency, cancel)
         except BaseException as exc:
-            rep.stage = "failed"
-            rep.emit(force=True, message=str(exc) or type(exc).__name__)
+            rep.fail(exc)
             raise
         finally:
             chain.close()

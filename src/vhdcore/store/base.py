@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar, Union
 
+from .._io import Buffer as Buffer  # re-exported: the stores and the stream use it
 from .._version import __version__
 from ..errors import StoreError, StoreNotFoundError, UploadError, VhdError
 from .retry import RetryExhausted, RetryPolicy, call_with_retry
@@ -60,7 +61,6 @@ __all__ = [
 MiB = 1 << 20
 GiB = 1 << 30
 
-Buffer = Union[bytes, bytearray, memoryview]
 T = TypeVar("T")
 
 
@@ -86,7 +86,9 @@ class FrameList:
         return iter(self.parts)
 
     def tobytes(self) -> bytes:
-        """The segment as one ``bytes`` (a copy, for APIs that need one)."""
+        """The segment as one ``bytes`` (a copy, unless it is one already)."""
+        if len(self.parts) == 1 and isinstance(self.parts[0], bytes):
+            return self.parts[0]
         return b"".join(self.parts)
 
 
@@ -140,11 +142,14 @@ def segment_parts(data: SegmentData) -> tuple[Buffer, ...]:
     return data.parts if isinstance(data, FrameList) else (data,)
 
 
-def segment_bytes(data: SegmentData) -> bytes:
-    """A segment as one ``bytes`` (no copy when it is one already)."""
-    if isinstance(data, bytes):
-        return data
-    return data.tobytes() if isinstance(data, FrameList) else bytes(data)
+def segment_body(data: SegmentData) -> bytes | FrameReader:
+    """A segment as an HTTP request body: bytes as they are, a
+    :class:`FrameList` as a fresh :class:`FrameReader` (not joined; make one
+    per attempt, a reader is consumed by sending it)."""
+    if isinstance(data, FrameList):
+        return FrameReader(data)
+    return data if isinstance(data, bytes) else bytes(data)
+
 
 META_VERSION = "vhdcore-version"
 META_FORMAT = "format"

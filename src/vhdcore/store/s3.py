@@ -36,7 +36,7 @@ from typing import Any
 from .._version import __version__
 from ..errors import StoreAuthError, StoreError, StoreNotFoundError, UploadError, VhdError
 from .base import (
-    FrameList, FrameReader, GiB, MiB, ImageEntry, Manifest, SegmentData, SegmentInfo, SegmentLimits, Store, check_metadata, _GENERATION_RE, md5_base64)
+    GiB, MiB, ImageEntry, Manifest, SegmentData, SegmentInfo, SegmentLimits, Store, check_metadata, _GENERATION_RE, md5_base64, segment_body)
 from .retry import RetryPolicy
 from .s3_client import (
     AUTH_CODES,
@@ -274,18 +274,18 @@ class S3Store(Store):
         if not 0 <= index < limit:
             raise UploadError(f"{self.describe()}: segment {index} is beyond the server's {limit} parts")
         upload_id = self._ensure_upload()
-        # frames go out as a file that botocore reads (and rewinds to sign
-        # and to retry), never joined
-        body = data if isinstance(data, (bytes, FrameList)) else bytes(data)
+        size = len(data)
         resp = self._call(
-            f"uploading segment {index} ({len(body)} bytes)",
+            f"uploading segment {index} ({size} bytes)",
+            # frames go out as a file that botocore reads (and rewinds to
+            # sign), never joined; a fresh one per attempt
             lambda: self._client.upload_part(
                 Bucket=self.bucket,
                 Key=self.data_key(),
                 UploadId=upload_id,
                 PartNumber=index + 1,
-                Body=FrameReader(body) if isinstance(body, FrameList) else body,
-                ContentLength=len(body),
+                Body=segment_body(data),
+                ContentLength=size,
                 ContentMD5=md5_base64(md5_hex),
             ),
             upload=True,

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import StoreAuthError, StoreError, StoreNotFoundError, UploadError, VhdError
 from .base import (
-    FrameList, FrameReader, ImageEntry, Manifest, SegmentData, SegmentInfo, SegmentLimits, Store, check_metadata, decode_meta_value, encode_meta_value, is_vhdcore_metadata)
+    ImageEntry, Manifest, SegmentData, SegmentInfo, SegmentLimits, Store, check_metadata, decode_meta_value, encode_meta_value, is_vhdcore_metadata, segment_body)
 from .retry import RetryPolicy, is_transient_status
 from .swift_client import (
     DEFAULT_SWIFT_LIMITS,
@@ -300,22 +300,22 @@ class SwiftStore(Store):
     def put_segment(self, index: int, data: SegmentData, md5_hex: str) -> str:
         self._ensure_segment_container()
         obj = self._segment_object(index)
-        # frames go out as a file (swiftclient sends any other iterable with
-        # chunked transfer encoding): read in pieces, never joined
-        body: bytes | FrameList = data if isinstance(data, (bytes, FrameList)) else bytes(data)
+        size = len(data)
 
         def put() -> str:
+            # frames go out as a file (swiftclient sends any other iterable
+            # with chunked transfer encoding): read in pieces, never joined
             etag: str = self._conn().put_object(
                 self.segment_container,
                 obj,
-                contents=FrameReader(body) if isinstance(body, FrameList) else body,
-                content_length=len(body),
+                contents=segment_body(data),
+                content_length=size,
                 etag=md5_hex,
                 content_type=_CONTENT_TYPE,
             )
             return etag
 
-        etag = self._call(f"uploading segment {index} ({len(body)} bytes)", put, upload=True)
+        etag = self._call(f"uploading segment {index} ({size} bytes)", put, upload=True)
         etag = (etag or "").strip('"')
         if etag and etag != md5_hex:
             raise UploadError(

@@ -92,9 +92,7 @@ class SegmentPacker:
         if out is None:
             return None
         index, first, count, frames = out
-        parts = frames.parts
-        data = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else frames.tobytes()
-        return index, first, count, data
+        return index, first, count, frames.tobytes()
 
     def flush_frames(self, next_frame: int) -> tuple[int, int, int, FrameList] | None:
         """Like :meth:`flush`, with the segment as its frames (not joined:
