@@ -136,3 +136,29 @@ def test_batches_follow_the_child_data(tmp_path, monkeypatch):
     # the start, three checkpoints inside, the end
     assert ops == ["merging"] * 4 + ["merged"]
     assert read_all(tmp_path / "p.vhd") == model
+
+
+def test_prefetch_asks_for_the_parent_bitmaps(tmp_path, monkeypatch):
+    """The prefetch thread asks for each merged block's parent bitmap where
+    the parent has that block (a cold fault on it otherwise waited behind the
+    merge's writes), for no block the parent lacks, and the result is exact."""
+    from vhdcore import _io
+    from vhdcore.ops import readahead
+
+    rng = np.random.default_rng(9)
+    child = [(b * 2 * MiB + 8192, rng.bytes(4096)) for b in range(6)]
+    model = _chain(tmp_path, 12 * MiB, [(2 * MiB, rng.bytes(4096)), (8 * MiB, rng.bytes(4096))],
+                   child)
+    with VhdFile.open(tmp_path / "p.vhd") as p:
+        want = {(p.block_offset(b), p.bitmap_size) for b in (1, 4)}
+        assert all(p.block_offset(b) is None for b in (0, 2, 3, 5))
+    asked = []
+    real = _io.will_need
+    monkeypatch.setattr(readahead._io, "will_need",
+                        lambda fd, off, n: (asked.append((os.readlink(f"/proc/self/fd/{fd}"), off, n)),
+                                            real(fd, off, n)))
+    coalesce(tmp_path / "c.vhd")
+    parent = os.path.realpath(tmp_path / "p.vhd")
+    got = {(off, n) for path, off, n in asked if path == parent}
+    assert got == want
+    assert read_all(tmp_path / "p.vhd") == model

@@ -352,7 +352,7 @@ def _write_loop(cvhd: VhdFile, pvhd: VhdFile, todo: list[int], total: int,
         state["next_block"] = next_block
         _write_json_atomic(cpath, state, durable)
 
-    prefetch = Prefetch(cvhd, todo, writeback_fd=pvhd._fd if durable else -1)
+    prefetch = Prefetch(cvhd, todo, writeback_fd=pvhd._fd if durable else -1, parent=pvhd)
     with _sigint_stops() as stop:
         try:
             place: dict[int, int] = {}

@@ -25,15 +25,20 @@ class Prefetch:
     thread of its own, so that the disk reads while the merge writes: the
     child is mapped ``MADV_RANDOM``, so without it each fault would wait for
     one page, and with the default advice each fault would read the device's
-    whole read-ahead window.  A second job of the thread: start the parent's
+    whole read-ahead window.  With ``parent``, the parent's bitmap of each
+    block it has is asked for too: the merge reads it (to OR the child's bits
+    in), and on a cold cache each of those faults otherwise waited for its
+    own read behind the merge's writes (half of a cold random-4 KiB coalesce
+    was spent there).  A second job of the thread: start the parent's
     writeback (:func:`_start_writeback`) when asked, without waiting."""
 
     #: runs closer than this are fetched as one range
     GAP = 64 * 1024
 
     def __init__(self, cvhd: VhdFile, todo: Sequence[int], ahead: int = 64 * 1024 * 1024,
-                 writeback_fd: int = -1) -> None:
+                 writeback_fd: int = -1, parent: VhdFile | None = None) -> None:
         self.cvhd = cvhd
+        self.pvhd = parent if parent is not None and not parent.is_fixed else None
         self.todo = todo
         self.ahead = ahead
         self.j = 0
@@ -49,6 +54,11 @@ class Prefetch:
         self.thread.start()
 
     def _fetch(self, blk: int) -> int:
+        p = self.pvhd
+        if p is not None and blk < p.nblocks:
+            poff = p.block_offset(blk)
+            if poff is not None:
+                _io.will_need(p._fd, poff, p.bitmap_size)
         v = self.cvhd
         off = v.block_offset(blk)
         if off is None:
