@@ -26,6 +26,7 @@ EXPECTED = [
     "imaging.stage_scan", "imaging.stage_upload", "imaging.sha256", "imaging.pipeline",
     "imaging.cpu_bound", "imaging.virtual",
     "memory.flatten", "memory.flatten_anon", "memory.imaging", "memory.imaging_anon",
+    "memory.imaging_large_segments",
     "repo.first_image", "repo.incremental_time", "repo.incremental_growth",
     "repo.clone_growth", "repo.restore", "memory.repo",
     "coalesce.vs_vhd_util.random4k.cold", "coalesce.vs_vhd_util.random4k.warm",

@@ -318,3 +318,57 @@ def test_held_block_is_not_reused_and_hold_is_once(tmp_path):
         assert bytes(first.frame) == copy  # kept while the others were merged
         assert rest == expected[2:-1]
         give_back()
+
+
+def test_segments_above_the_memory_budget_are_spilled(tmp_path, monkeypatch):
+    """Segments larger than the job's memory budget (a target allowing few
+    segments makes them large) are packed into scratch files beside the job
+    state: the stored image is the one an in-memory job stores, segment for
+    segment, it restores byte for byte, an interrupted spilling job resumes,
+    and no scratch file is left anywhere."""
+    from vhdcore._workloads import make_chain
+    from vhdcore.errors import VhdTimeoutError
+    from vhdcore.imaging import create_image, job as job_mod
+    from vhdcore.store import SpillSegment, open_store, restore
+    from vhdcore.store import base as store_base
+
+    w = make_chain(tmp_path / "c", "realistic", size=24 << 20, layers=2, seed=4,
+                   block_size=512 * 1024)
+    (tmp_path / "ref").mkdir()
+    ref = create_image(w.leaf, f"file://{tmp_path}/ref/image", segment_size=1 << 20,
+                       fs_aware=False)
+    spilled = []
+    real_init = SpillSegment.__init__
+
+    def counting_init(self, directory=None):
+        spilled.append(directory)
+        real_init(self, directory)
+
+    monkeypatch.setattr(store_base.SpillSegment, "__init__", counting_init)
+    monkeypatch.setattr(job_mod, "_PENDING_BYTES", 512 * 1024)  # 1 MiB segments now spill
+    state_dir = tmp_path / "state"
+    url = f"file://{tmp_path}/image"
+
+    def stop(ev):
+        if ev.stage == "uploading" and ev.blocks_done >= 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(VhdTimeoutError):
+        create_image(w.leaf, url, segment_size=1 << 20, progress=stop, fs_aware=False,
+                     state_dir=state_dir)
+    n_first = len(spilled)
+    assert n_first >= 1
+    res = create_image(w.leaf, url, segment_size=1 << 20, resume=True, fs_aware=False,
+                       state_dir=state_dir)
+    assert res.resumed and res.segments_skipped >= 1
+    assert len(spilled) > n_first and set(spilled) == {str(state_dir.resolve())}
+    assert res.sha256 == ref.sha256
+    a = open_store(url).get_manifest().segments
+    b = open_store(f"file://{tmp_path}/ref/image").get_manifest().segments
+    assert [(s.size, s.etag) for s in a] == [(s.size, s.etag) for s in b]
+    out = tmp_path / "restored.vhd"
+    restore(open_store(url), out)
+    with Chain.open(w.leaf) as chain, Chain.open(out) as back:
+        assert back.virtual_size == chain.virtual_size
+        assert back.read(0, chain.virtual_size) == chain.read(0, chain.virtual_size)
+    assert list(state_dir.iterdir()) == []  # scratch files are unnamed; the state is gone

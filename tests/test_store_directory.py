@@ -9,7 +9,9 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from _swift import (
@@ -377,6 +379,114 @@ def test_segment_as_frames_is_stored_like_its_bytes(tmp_path: Path) -> None:
         got = up.wait()
     assert got == [SegmentInfo(0, len(joined), md5)]
     assert store.get_segment(0) == joined
+
+
+def _spilled(frames: list[bytes], directory: Path | None = None) -> Any:
+    from vhdcore.store import SpillSegment
+
+    seg = SpillSegment(None if directory is None else str(directory))
+    for f in frames:
+        seg.append(f)
+    return seg
+
+
+def test_spill_segment_reads_back_what_was_appended(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A segment packed into a scratch file: its length, its chunks and a
+    reader give back the appended bytes; nothing named is left in the
+    directory, and close frees it."""
+    from vhdcore.store import SpillSegment
+    from vhdcore.store.base import segment_body, segment_parts
+
+    monkeypatch.setattr(SpillSegment, "CHUNK", 4)
+    parts = [b"abc", b"", bytearray(b"defgh"), memoryview(b"ij")]
+    seg = _spilled(parts, tmp_path)  # type: ignore[arg-type]
+    assert len(seg) == 10 and list(tmp_path.iterdir()) == []
+    assert [bytes(c) for c in segment_parts(seg)] == [b"abcd", b"efgh", b"ij"]
+    assert seg.tobytes() == b"abcdefghij"
+    r = segment_body(seg)
+    assert len(r) == 10  # type: ignore[arg-type]
+    got = []
+    while chunk := r.read(3):
+        assert 0 < len(chunk) <= 3
+        got.append(bytes(chunk))
+    assert b"".join(got) == b"abcdefghij" and r.tell() == 10 and r.read() == b""
+    assert r.seek(0) == 0 and r.read() == b"abcd"  # capped at a chunk
+    assert r.seek(-2, 2) == 8 and r.read(100) == b"ij"
+    assert r.seek(-5, 1) == 5 and r.read(1) == b"f"
+    with pytest.raises(OSError):
+        r.seek(-1)
+    r2 = segment_body(seg)  # a fresh reader per attempt, a position of its own
+    assert r2.tell() == 0 and r2.read(2) == b"ab"
+    seg.close()
+    assert seg.closed
+
+
+def test_spilled_segment_is_stored_like_its_bytes(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A segment handed over as its scratch file is MD5'd by the uploader
+    and stored exactly as the joined bytes would be; the uploader closes it
+    once stored, and after a failed store too."""
+    from vhdcore.store import SpillSegment
+
+    monkeypatch.setattr(SpillSegment, "CHUNK", 1000)
+    frames = [compress_frame(os.urandom(3000) + bytes(5000)) for _ in range(5)]
+    joined = b"".join(frames)
+    md5 = hashlib.md5(joined).hexdigest()
+    store = DirectoryStore(tmp_path / "d", "img", durable=False)
+    store.prepare_write()
+    seg = _spilled(frames)
+    with SegmentUploader(store, concurrency=2) as up:
+        up.submit(0, seg)
+        got = up.wait()
+    assert got == [SegmentInfo(0, len(joined), md5)]
+    assert store.get_segment(0) == joined
+    assert seg.closed
+
+    class Failing(DirectoryStore):
+        def put_segment(self, index, data, md5_hex):  # type: ignore[no-untyped-def]
+            raise UploadError("refused")
+
+    bad = Failing(tmp_path / "e", "img", durable=False)
+    bad.prepare_write()
+    seg2 = _spilled(frames)
+    with pytest.raises(UploadError):
+        with SegmentUploader(bad, concurrency=1) as up:
+            up.submit(0, seg2)
+            up.wait()
+            up.finish({})
+    assert seg2.closed
+
+
+def test_packer_spills_segments_to_scratch(tmp_path: Path) -> None:
+    """With spill, the packer keeps no frame: each segment is handed on as
+    its scratch file, numbered and cut exactly as without."""
+    from vhdcore.store import SpillSegment
+
+    rng = np.random.default_rng(4)
+    frames = [bytes(rng.integers(0, 256, int(n), dtype=np.uint8))
+              for n in rng.integers(1, 5000, 60)]
+    plain, spill = SegmentPacker(12000), SegmentPacker(12000, spill=True, spill_dir=str(tmp_path))
+    a, b = [], []
+    for i, f in enumerate(frames):
+        for packer, out in ((plain, a), (spill, b)):
+            done = packer.flush_frames(i) if packer.pending_bytes + len(f) > 12000 and \
+                packer.pending_bytes else None
+            if done is not None:
+                out.append(done)
+            packer.add(i, f)
+            assert not packer._parts or packer is plain
+    a.append(plain.flush_frames(len(frames)))
+    b.append(spill.flush_frames(len(frames)))
+    assert len(a) == len(b) > 3
+    for (i1, f1, c1, d1), (i2, f2, c2, d2) in zip(a, b):
+        assert isinstance(d2, SpillSegment)
+        assert (i1, f1, c1) == (i2, f2, c2) and d1.tobytes() == d2.tobytes()
+        d2.close()
+    spill.add(len(frames), b"x" * 10)
+    open_seg = spill._spilled
+    spill.discard()
+    assert open_seg is not None and open_seg.closed and spill.pending_bytes == 0
 
 
 def test_head_segment_uploaded_last(tmp_path: Path, stream: ImageStream) -> None:

@@ -103,6 +103,36 @@ def test_segment_as_frames_reaches_s3_whole(bucket: str, stream: ImageStream) ->
         s.put_segment(2, FrameList(frames[:3]), hashlib.md5(b"other").hexdigest())
 
 
+def test_spilled_segment_reaches_s3_whole(bucket: str, stream: ImageStream,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A part packed into a scratch file is read back by botocore a chunk at
+    a time (signed, rewound, sent) and stored byte for byte; the server
+    checks the MD5."""
+    import hashlib
+
+    from vhdcore.store import SpillSegment
+    from vhdcore.store.retry import RetryPolicy
+
+    monkeypatch.setattr(SpillSegment, "CHUNK", 256 * 1024)
+    frames = [stream.frames[i] for i in range(40)]
+    joined = b"".join(frames)
+    assert len(joined) > 5 * MiB
+
+    def spilled(parts: list[bytes]) -> SpillSegment:
+        seg = SpillSegment()
+        for f in parts:
+            seg.append(f)
+        return seg
+
+    s = store(bucket, retry=RetryPolicy(attempts=1, deadline=10.0))
+    s.prepare_write()
+    md5 = hashlib.md5(joined).hexdigest()
+    assert s.put_segment(0, spilled(frames), md5) == md5
+    assert s.list_segments()[0].size == len(joined)
+    with pytest.raises(UploadError):
+        s.put_segment(1, spilled(frames[:3]), hashlib.md5(b"other").hexdigest())
+
+
 def test_limits_from_the_server(bucket: str) -> None:
     limits = store(bucket).segment_limits()
     assert limits.min_segment_size == 5 * MiB

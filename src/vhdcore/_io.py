@@ -202,9 +202,10 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, data: Data, *, durable: bool = True,
+def atomic_write(path: str, data: Data | Iterator[Buffer], *, durable: bool = True,
                  private: bool = False) -> None:
-    """Replace ``path`` with ``data`` all at once: a temporary file beside it,
+    """Replace ``path`` with ``data`` (a buffer, a list of buffers, or an
+    iterator of them) all at once: a temporary file beside it,
     fsynced (when ``durable``), renamed over ``path``, the directory fsynced.
     A failure removes the temporary file and leaves ``path`` as it was.
     The file gets mode 0666 less the umask, like any file a program creates,
@@ -213,7 +214,14 @@ def atomic_write(path: str, data: Data, *, durable: bool = True,
     fd, tmp = create_temp(directory, f".{os.path.basename(path)}.", ".tmp", private=private)
     try:
         try:
-            pwrite_all(fd, data, 0)
+            if isinstance(data, Iterator):
+                # written a piece at a time (a segment read back from scratch)
+                pos = 0
+                for piece in data:
+                    pwrite_all(fd, piece, pos)
+                    pos += memoryview(piece).nbytes
+            else:
+                pwrite_all(fd, data, 0)
             if durable:
                 fsync(fd)
         finally:

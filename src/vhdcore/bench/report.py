@@ -46,6 +46,7 @@ TARGETS: dict[str, tuple[str, str, float, str]] = {
     "imaging.pipeline": ("ratio", ">=", 0.7, ">= 0.7x slowest stage"),
     "memory.flatten": ("mib", "<", 256.0, "< 256 MiB"),
     "memory.imaging": ("mib", "<", 256.0, "< 256 MiB"),
+    "memory.imaging_large_segments": ("mib", "<", 256.0, "< 256 MiB"),
     **REPO_TARGETS,
     **PEER_TARGETS,
 }
@@ -166,5 +167,5 @@ def format_report(report: dict[str, Any], *, notes: bool = True) -> str:
 
 _SHOW_NOTES = {"peer.qemu_img", "twin.merge_scattered", "coalesce.scattered_holes",
                "imaging.pipeline", "imaging.virtual", "lz4.2threads", "memory.flatten",
-               "memory.imaging", "repo.first_image", "repo.incremental_growth",
+               "memory.imaging", "memory.imaging_large_segments", "repo.first_image", "repo.incremental_growth",
                "repo.clone_growth", "repo.restore", "memory.repo"}

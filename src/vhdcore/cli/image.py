@@ -53,7 +53,8 @@ def _p_image(sub: Any) -> None:
     s.add_argument("--replace", action="store_true",
                    help="replace an image already stored at the URL (default: refuse)")
     s.add_argument("--state-dir", metavar="DIR",
-                   help="where the job state lives (default: beside a file:// output, else "
+                   help="where the job state lives, and the scratch files of segments "
+                        "above 32 MiB (default: beside a file:// output, else "
                         "$XDG_STATE_HOME/vhdcore/jobs)")
     s.add_argument("--threads", type=POSITIVE, default=2, metavar="N",
                    help="merge and compression threads (default 2)")
@@ -61,7 +62,8 @@ def _p_image(sub: Any) -> None:
                    help="parallel segment uploads (default 4)")
     s.add_argument("--segment-size", type=SIZE, metavar="SIZE",
                    help="segment size, e.g. 64M (default: from the image size and the "
-                        "target's limits)")
+                        "target's limits); segments above 32 MiB are packed on disk, "
+                        "not in memory")
     add_fs_aware(s, "leave out")
     out = s.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true",

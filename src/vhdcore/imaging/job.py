@@ -281,9 +281,15 @@ class _Job:
     def _sink(self, segment_size: int) -> SegmentSink:
         """The packing/upload stage, with what an earlier run stored adopted."""
         records: dict[str, dict[str, Any]] = self.state["segments"]
+        # segments above the memory budget (a target that allows few
+        # segments makes them large) are packed into scratch files beside
+        # the job state, not in memory; those handed on are then bounded by
+        # scratch space instead
+        spill = segment_size > _PENDING_BYTES
+        budget = _SPILL_PENDING_BYTES if spill else _PENDING_BYTES
         uploader = _api().SegmentUploader(
             self.store, concurrency=self.concurrency,
-            max_pending=max(1, min(2 * self.concurrency, _PENDING_BYTES // max(1, segment_size))))
+            max_pending=max(1, min(2 * self.concurrency, budget // max(1, segment_size))))
         existing = uploader.existing_segments()
         # segments of the state that the store still has, by first frame
         reusable: dict[int, tuple[int, dict[str, Any]]] = {}
@@ -295,7 +301,8 @@ class _Job:
         for k2, rec in reusable.values():
             records[str(k2)] = rec
         sink = SegmentSink(uploader, segment_size, records, self.lock, reusable=reusable,
-                           existing=existing, gate=self.upload_gate, where=self.spath)
+                           existing=existing, gate=self.upload_gate, where=self.spath,
+                           spill_dir=os.path.dirname(os.path.abspath(self.spath)) if spill else None)
         uploader.progress = sink.on_uploaded
         return sink
 
@@ -319,6 +326,7 @@ class _Job:
                                                   len(stored))
         finally:
             compressor.close()
+            sink.packer.discard()  # a segment left open by a failure: its scratch file
             try:
                 source.close()
             except Exception:
@@ -431,6 +439,9 @@ class _Job:
 #: segments handed to the uploader (queued or being sent) are held in memory
 #: up to about this many bytes (at least one segment), besides the one being packed
 _PENDING_BYTES = 32 << 20
+#: segments larger than that are packed into scratch files (SpillSegment):
+#: those handed to the uploader take up to about this much scratch space
+_SPILL_PENDING_BYTES = 1 << 30
 
 
 def _fs_metadata(fs_info: dict[str, Any]) -> dict[str, str]:

@@ -37,7 +37,7 @@ from ..chain import Chain
 from ..ops.stream import FreeMap, iter_image_blocks
 from ..errors import IntegrityError, JobStateError
 from ..store import SegmentPacker, SegmentUploader
-from ..store.base import Buffer, FrameList, SegmentInfo
+from ..store.base import Buffer, FrameList, SegmentInfo, SpillSegment
 
 __all__ = ["RawFrame", "StreamHasher", "StreamSource", "SegmentSink", "segments_digest"]
 
@@ -227,9 +227,12 @@ class SegmentSink:
                  records: dict[str, dict[str, Any]], lock: threading.Lock, *,
                  reusable: dict[int, tuple[int, dict[str, Any]]] | None = None,
                  existing: dict[int, SegmentInfo] | None = None,
-                 gate: Callable[[int], None] | None = None, where: str = "") -> None:
+                 gate: Callable[[int], None] | None = None, where: str = "",
+                 spill_dir: str | None = None) -> None:
         self.uploader = uploader
-        self.packer = SegmentPacker(segment_size)
+        # with spill_dir, segments go to scratch files there, not to memory
+        self.packer = SegmentPacker(segment_size, spill=spill_dir is not None,
+                                    spill_dir=spill_dir)
         self.records = records
         self.lock = lock
         self.reusable = reusable or {}
@@ -295,7 +298,7 @@ class SegmentSink:
         self.uploader.adopt(self.existing[k])
         self._skip, self._frames = None, []
 
-    def _send(self, seg: tuple[int, int, int, FrameList] | None) -> bool:
+    def _send(self, seg: tuple[int, int, int, FrameList | SpillSegment] | None) -> bool:
         if seg is None:
             return False
         index, first, count, data = seg

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .base import (
     FrameList,
+    SpillSegment,
     GiB,
     ImageEntry,
     MiB,
@@ -35,6 +36,7 @@ __all__ = [
     "MiB",
     "GiB",
     "FrameList",
+    "SpillSegment",
     "ImageEntry",
     "Manifest",
     "RetryPolicy",

@@ -22,6 +22,7 @@ import base64
 import bisect
 import hashlib
 import itertools
+import os
 import re
 import secrets
 import urllib.parse
@@ -40,6 +41,7 @@ __all__ = [
     "GiB",
     "FrameList",
     "FrameReader",
+    "SpillSegment",
     "SegmentInfo",
     "SegmentLimits",
     "ImageEntry",
@@ -92,16 +94,13 @@ class FrameList:
         return b"".join(self.parts)
 
 
-class FrameReader:
-    """A read-only, seekable file over a :class:`FrameList`: :meth:`read`
-    returns views of the frames (no copy), for HTTP clients that send a
-    body read from a file (and rewind it to sign it or to send it again)."""
+class _BodyReader:
+    """A read-only, seekable file of ``_size`` bytes for HTTP clients that
+    send a body read from a file (and rewind it to sign it or to send it
+    again); subclasses read."""
 
-    def __init__(self, frames: FrameList) -> None:
-        self._parts = [memoryview(p).cast("B") for p in frames.parts if len(p)]
-        self._starts = list(itertools.accumulate((len(p) for p in self._parts), initial=0))
-        self._size = frames.nbytes
-        self._pos = 0
+    _size = 0
+    _pos = 0
 
     def __len__(self) -> int:
         return self._size
@@ -122,6 +121,17 @@ class FrameReader:
     def tell(self) -> int:
         return self._pos
 
+
+class FrameReader(_BodyReader):
+    """A read-only, seekable file over a :class:`FrameList`: :meth:`read`
+    returns views of the frames (no copy)."""
+
+    def __init__(self, frames: FrameList) -> None:
+        self._parts = [memoryview(p).cast("B") for p in frames.parts if len(p)]
+        self._starts = list(itertools.accumulate((len(p) for p in self._parts), initial=0))
+        self._size = frames.nbytes
+        self._pos = 0
+
     def read(self, size: int = -1) -> memoryview | bytes:
         if self._pos >= self._size or size == 0:
             return b""
@@ -133,21 +143,117 @@ class FrameReader:
         return part[off:end]
 
 
+class SpillSegment:
+    """A segment's bytes in a scratch file rather than in memory: for
+    segments larger than the job's memory budget (a target that allows few
+    segments makes them large: Swift's 1000 per manifest, S3's 10,000 parts),
+    so that memory does not grow with the image.  Frames are appended as they
+    are packed and then let go; MD5, the directory store and the HTTP bodies
+    read the file back a chunk at a time (:meth:`chunks`, :meth:`reader`), a
+    fresh reader per attempt.
+
+    The file is unnamed where the system allows it (``O_TMPFILE``, so a
+    crash leaves nothing behind), in ``directory`` (the job's state
+    directory: on disk, not in a RAM-backed temporary directory); it is
+    scratch, never user data.  :meth:`close` frees it (the uploader does,
+    once the segment is stored or has failed)."""
+
+    #: bytes read back at a time
+    CHUNK = 1 << 20
+
+    def __init__(self, directory: str | None = None) -> None:
+        import tempfile
+
+        self._file = tempfile.TemporaryFile(dir=directory)
+        self.fd = self._file.fileno()
+        self.nbytes = 0
+
+    def append(self, data: Buffer) -> None:
+        """Add ``data`` at the end (the bytes are copied to the file)."""
+        view = memoryview(data).cast("B")
+        off = self.nbytes
+        while len(view):
+            n = os.pwrite(self.fd, view, off)
+            if n <= 0:  # pragma: no cover - pwrite returns > 0 or raises
+                raise OSError(f"scratch write of {len(view)} bytes wrote nothing")
+            view, off = view[n:], off + n
+        self.nbytes = off
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """``size`` bytes from ``offset`` (fewer at the end)."""
+        size = max(0, min(size, self.nbytes - offset))
+        out = os.pread(self.fd, size, offset)
+        while len(out) < size:  # pragma: no cover - a regular file reads whole
+            more = os.pread(self.fd, size - len(out), offset + len(out))
+            if not more:
+                raise OSError(f"scratch file ended at {offset + len(out)} of {self.nbytes}")
+            out += more
+        return out
+
+    def chunks(self) -> Iterator[bytes]:
+        """The bytes in order, :attr:`CHUNK` at a time."""
+        for off in range(0, self.nbytes, self.CHUNK):
+            yield self.read_at(off, self.CHUNK)
+
+    def reader(self) -> "SpillReader":
+        return SpillReader(self)
+
+    def tobytes(self) -> bytes:
+        """The whole segment in memory (tests and small segments only)."""
+        return self.read_at(0, self.nbytes)
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+
+class SpillReader(_BodyReader):
+    """A read-only, seekable file over a :class:`SpillSegment` with a
+    position of its own; reads are capped at :attr:`SpillSegment.CHUNK`, so
+    that a ``read()`` of the whole body never loads the segment at once."""
+
+    def __init__(self, seg: SpillSegment) -> None:
+        self._seg = seg
+        self._size = seg.nbytes
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self._pos >= self._size or size == 0:
+            return b""
+        n = SpillSegment.CHUNK if size is None or size < 0 else min(size, SpillSegment.CHUNK)
+        out = self._seg.read_at(self._pos, n)
+        self._pos += len(out)
+        return out
+
+
 #: what :meth:`Store.put_segment` takes
-SegmentData = Union[Buffer, FrameList]
+SegmentData = Union[Buffer, FrameList, SpillSegment]
 
 
-def segment_parts(data: SegmentData) -> tuple[Buffer, ...]:
-    """The buffers of a segment, in order (one for a plain buffer)."""
-    return data.parts if isinstance(data, FrameList) else (data,)
+def segment_parts(data: SegmentData) -> Iterator[Buffer]:
+    """The buffers of a segment, in order: a plain buffer, the frames of a
+    :class:`FrameList`, or a :class:`SpillSegment` read back a chunk at a
+    time."""
+    if isinstance(data, SpillSegment):
+        return data.chunks()
+    return iter(data.parts if isinstance(data, FrameList) else (data,))
 
 
-def segment_body(data: SegmentData) -> bytes | FrameReader:
+def segment_body(data: SegmentData) -> bytes | FrameReader | SpillReader:
     """A segment as an HTTP request body: bytes as they are, a
-    :class:`FrameList` as a fresh :class:`FrameReader` (not joined; make one
-    per attempt, a reader is consumed by sending it)."""
+    :class:`FrameList` as a fresh :class:`FrameReader` (not joined), a
+    :class:`SpillSegment` as a fresh :class:`SpillReader` (make one per
+    attempt, a reader is consumed by sending it)."""
     if isinstance(data, FrameList):
         return FrameReader(data)
+    if isinstance(data, SpillSegment):
+        return data.reader()
     return data if isinstance(data, bytes) else bytes(data)
 
 

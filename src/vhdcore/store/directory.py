@@ -28,6 +28,7 @@ from .. import _io
 from ..errors import StoreError, StoreNotFoundError, UploadError
 from .base import (
     SegmentData,
+    SpillSegment,
     segment_parts,
     _GENERATION_RE,
     ImageEntry,
@@ -51,8 +52,11 @@ DIRECTORY_LIMITS = SegmentLimits(1, 1 << 40, 10_000_000)
 
 def _atomic_write(path: Path, data: SegmentData, durable: bool) -> None:
     # through vhdcore._io, so that tests can inject faults here too; a
-    # FrameList goes down as its frames (one vectored write, no join)
-    _io.atomic_write(str(path), segment_parts(data), durable=durable)
+    # FrameList goes down as its frames (one vectored write, no join), a
+    # SpillSegment a chunk at a time
+    parts = segment_parts(data)
+    _io.atomic_write(str(path), parts if isinstance(data, SpillSegment) else tuple(parts),
+                     durable=durable)
 
 
 class DirectoryStore(Store):

@@ -33,6 +33,7 @@ from .base import (
     Store,
     check_metadata,
     check_segment_sequence,
+    SpillSegment,
     segment_parts,
 )
 
@@ -59,7 +60,8 @@ class SegmentPacker:
     that resumes can :meth:`skip` segments an earlier run already stored.
     """
 
-    def __init__(self, segment_size: int, first_index: int = 0) -> None:
+    def __init__(self, segment_size: int, first_index: int = 0, *,
+                 spill: bool = False, spill_dir: str | None = None) -> None:
         if segment_size <= 0:
             raise ValueError(f"segment_size must be positive, got {segment_size}")
         self.segment_size = segment_size
@@ -68,6 +70,12 @@ class SegmentPacker:
         self.first_frame = 0
         self._parts: list[Buffer] = []
         self._size = 0
+        #: with ``spill``, :meth:`flush_frames` hands on each segment as a
+        #: :class:`~vhdcore.store.base.SpillSegment` (in ``spill_dir``): a
+        #: frame goes to its scratch file as it is added and is not kept
+        self.spill = spill
+        self.spill_dir = spill_dir
+        self._spilled: SpillSegment | None = None
 
     @property
     def pending_bytes(self) -> int:
@@ -78,11 +86,16 @@ class SegmentPacker:
         """Add frame ``frame_index``; return ``(segment, first frame, frame
         count, bytes)`` of the segment it closed, else None."""
         out = None
-        if self._parts and self._size + len(frame) > self.segment_size:
+        if self._open() and self._size + len(frame) > self.segment_size:
             out = self.flush(frame_index)
-        if not self._parts:
+        if not self._open():
             self.first_frame = frame_index
-        self._parts.append(frame)
+        if self.spill:
+            if self._spilled is None:
+                self._spilled = SpillSegment(self.spill_dir)
+            self._spilled.append(frame)
+        else:
+            self._parts.append(frame)
         self._size += len(frame)
         return out
 
@@ -94,24 +107,39 @@ class SegmentPacker:
         index, first, count, frames = out
         return index, first, count, frames.tobytes()
 
-    def flush_frames(self, next_frame: int) -> tuple[int, int, int, FrameList] | None:
+    def _open(self) -> bool:
+        return bool(self._parts) or self._spilled is not None
+
+    def flush_frames(self, next_frame: int) -> tuple[int, int, int, FrameList | SpillSegment] | None:
         """Like :meth:`flush`, with the segment as its frames (not joined:
-        every store takes a :class:`~vhdcore.store.base.FrameList`)."""
-        if not self._parts:
+        every store takes a :class:`~vhdcore.store.base.FrameList`), or as
+        its scratch file with ``spill``."""
+        if not self._open():
             self.first_frame = next_frame
             return None
-        out = (self.index, self.first_frame, next_frame - self.first_frame,
-               FrameList(self._parts))
+        data: FrameList | SpillSegment
+        if self._spilled is not None:
+            data, self._spilled = self._spilled, None
+        else:
+            data = FrameList(self._parts)
+        out = (self.index, self.first_frame, next_frame - self.first_frame, data)
         self.index += 1
         self._parts, self._size = [], 0
         self.first_frame = next_frame
         return out
 
+    def discard(self) -> None:
+        """Drop the open segment (a job that stops): its scratch file too."""
+        if self._spilled is not None:
+            self._spilled.close()
+            self._spilled = None
+        self._parts, self._size = [], 0
+
     def skip(self, frame_index: int, count: int) -> int:
         """Count segment :attr:`index` as stored already: it holds frames
         ``[frame_index, frame_index + count)``; the open segment must be
         empty.  Returns the skipped segment's number."""
-        if self._parts:
+        if self._open():
             raise ValueError("a segment is open")
         index = self.index
         self.index += 1
@@ -273,6 +301,8 @@ class SegmentUploader:
                 if self._error is None:
                     self._error = exc
         finally:
+            if isinstance(data, SpillSegment):
+                data.close()  # stored or failed: its scratch file is not needed again
             self._slots.release()
 
     def wait(self) -> list[SegmentInfo]:
