@@ -422,6 +422,30 @@ def test_spill_segment_reads_back_what_was_appended(tmp_path: Path,
     assert seg.closed
 
 
+def test_spill_segment_failures_are_upload_errors(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """No scratch directory, or a full disk while packing: UploadError
+    naming the directory, not a bare OSError."""
+    import errno
+
+    from vhdcore.store import SpillSegment
+
+    with pytest.raises(UploadError, match="no scratch file"):
+        SpillSegment(str(tmp_path / "missing"))
+    seg = SpillSegment(str(tmp_path))
+    seg.append(b"abc")
+
+    def full(fd: int, data: object, off: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(UploadError, match=str(tmp_path)):
+        seg.append(b"def")
+    monkeypatch.undo()
+    assert len(seg) == 3 and seg.tobytes() == b"abc"
+    seg.close()
+
+
 def test_spilled_segment_is_stored_like_its_bytes(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A segment handed over as its scratch file is MD5'd by the uploader

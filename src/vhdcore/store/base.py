@@ -164,19 +164,28 @@ class SpillSegment:
     def __init__(self, directory: str | None = None) -> None:
         import tempfile
 
-        self._file = tempfile.TemporaryFile(dir=directory)
+        self.directory = directory or tempfile.gettempdir()
+        try:
+            self._file = tempfile.TemporaryFile(dir=directory)
+        except OSError as exc:
+            raise UploadError(f"no scratch file for a segment in {self.directory}: {exc}") from exc
         self.fd = self._file.fileno()
         self.nbytes = 0
 
     def append(self, data: Buffer) -> None:
-        """Add ``data`` at the end (the bytes are copied to the file)."""
+        """Add ``data`` at the end (the bytes are copied to the file).  A
+        failed write (a full disk) raises :class:`UploadError`."""
         view = memoryview(data).cast("B")
         off = self.nbytes
-        while len(view):
-            n = os.pwrite(self.fd, view, off)
-            if n <= 0:  # pragma: no cover - pwrite returns > 0 or raises
-                raise OSError(f"scratch write of {len(view)} bytes wrote nothing")
-            view, off = view[n:], off + n
+        try:
+            while len(view):
+                n = os.pwrite(self.fd, view, off)
+                if n <= 0:  # pragma: no cover - pwrite returns > 0 or raises
+                    raise OSError(f"scratch write of {len(view)} bytes wrote nothing")
+                view, off = view[n:], off + n
+        except OSError as exc:
+            raise UploadError(f"writing a segment's scratch file in {self.directory} "
+                              f"failed: {exc}") from exc
         self.nbytes = off
 
     def __len__(self) -> int:
