@@ -45,3 +45,13 @@ def server_missing(why: str) -> None:
     if os.environ.get("VHDCORE_REQUIRE_SERVERS") == "1":
         pytest.fail(f"VHDCORE_REQUIRE_SERVERS=1 but {why}")
     pytest.skip(why)
+
+
+def spill_segment(parts, directory=None):
+    """A SpillSegment (a segment packed into a scratch file) holding ``parts``."""
+    from vhdcore.store import SpillSegment
+
+    seg = SpillSegment(None if directory is None else str(directory))
+    for p in parts:
+        seg.append(p)
+    return seg

@@ -9,11 +9,11 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
+from _helpers import spill_segment
 from _swift import (
     CountingStore,
     ImageStream,
@@ -381,15 +381,6 @@ def test_segment_as_frames_is_stored_like_its_bytes(tmp_path: Path) -> None:
     assert store.get_segment(0) == joined
 
 
-def _spilled(frames: list[bytes], directory: Path | None = None) -> Any:
-    from vhdcore.store import SpillSegment
-
-    seg = SpillSegment(None if directory is None else str(directory))
-    for f in frames:
-        seg.append(f)
-    return seg
-
-
 def test_spill_segment_reads_back_what_was_appended(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A segment packed into a scratch file: its length, its chunks and a
@@ -400,7 +391,7 @@ def test_spill_segment_reads_back_what_was_appended(tmp_path: Path,
 
     monkeypatch.setattr(SpillSegment, "CHUNK", 4)
     parts = [b"abc", b"", bytearray(b"defgh"), memoryview(b"ij")]
-    seg = _spilled(parts, tmp_path)  # type: ignore[arg-type]
+    seg = spill_segment(parts, tmp_path)
     assert len(seg) == 10 and list(tmp_path.iterdir()) == []
     assert [bytes(c) for c in segment_parts(seg)] == [b"abcd", b"efgh", b"ij"]
     assert seg.tobytes() == b"abcdefghij"
@@ -428,17 +419,20 @@ def test_spill_segment_failures_are_upload_errors(tmp_path: Path,
     naming the directory, not a bare OSError."""
     import errno
 
+    from vhdcore import _io
     from vhdcore.store import SpillSegment
 
     with pytest.raises(UploadError, match="no scratch file"):
         SpillSegment(str(tmp_path / "missing"))
     seg = SpillSegment(str(tmp_path))
-    seg.append(b"abc")
+    with _io.inject(_io.FaultPlan(at=0)) as plan:
+        seg.append(b"abc")  # scratch, not user data: no operation for the fault plan
+    assert plan.ops == []
 
     def full(fd: int, data: object, off: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(os, "pwritev", full)
     with pytest.raises(UploadError, match=str(tmp_path)):
         seg.append(b"def")
     monkeypatch.undo()
@@ -459,7 +453,7 @@ def test_spilled_segment_is_stored_like_its_bytes(tmp_path: Path,
     md5 = hashlib.md5(joined).hexdigest()
     store = DirectoryStore(tmp_path / "d", "img", durable=False)
     store.prepare_write()
-    seg = _spilled(frames)
+    seg = spill_segment(frames)
     with SegmentUploader(store, concurrency=2) as up:
         up.submit(0, seg)
         got = up.wait()
@@ -473,7 +467,7 @@ def test_spilled_segment_is_stored_like_its_bytes(tmp_path: Path,
 
     bad = Failing(tmp_path / "e", "img", durable=False)
     bad.prepare_write()
-    seg2 = _spilled(frames)
+    seg2 = spill_segment(frames)
     with pytest.raises(UploadError):
         with SegmentUploader(bad, concurrency=1) as up:
             up.submit(0, seg2)
@@ -490,7 +484,7 @@ def test_packer_spills_segments_to_scratch(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     frames = [bytes(rng.integers(0, 256, int(n), dtype=np.uint8))
               for n in rng.integers(1, 5000, 60)]
-    plain, spill = SegmentPacker(12000), SegmentPacker(12000, spill=True, spill_dir=str(tmp_path))
+    plain, spill = SegmentPacker(12000), SegmentPacker(12000, spill_dir=str(tmp_path))
     a, b = [], []
     for i, f in enumerate(frames):
         for packer, out in ((plain, a), (spill, b)):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import spill_segment
 from _swift import (
     CountingStore,
     ImageStream,
@@ -118,19 +119,13 @@ def test_spilled_segment_reaches_s3_whole(bucket: str, stream: ImageStream,
     joined = b"".join(frames)
     assert len(joined) > 5 * MiB
 
-    def spilled(parts: list[bytes]) -> SpillSegment:
-        seg = SpillSegment()
-        for f in parts:
-            seg.append(f)
-        return seg
-
     s = store(bucket, retry=RetryPolicy(attempts=1, deadline=10.0))
     s.prepare_write()
     md5 = hashlib.md5(joined).hexdigest()
-    assert s.put_segment(0, spilled(frames), md5) == md5
+    assert s.put_segment(0, spill_segment(frames), md5) == md5
     assert s.list_segments()[0].size == len(joined)
     with pytest.raises(UploadError):
-        s.put_segment(1, spilled(frames[:3]), hashlib.md5(b"other").hexdigest())
+        s.put_segment(1, spill_segment(frames[:3]), hashlib.md5(b"other").hexdigest())
 
 
 def test_limits_from_the_server(bucket: str) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import spill_segment
 from _swift import (
     CountingStore,
     ImageStream,
@@ -115,9 +116,7 @@ def test_spilled_segment_reaches_swift_whole(container: str, stream: ImageStream
     s = store(container, retry=RetryPolicy(attempts=1, deadline=10.0))
     s.prepare_write()
     for k, md5 in enumerate((hashlib.md5(joined).hexdigest(), hashlib.md5(b"other").hexdigest())):
-        seg = SpillSegment()
-        for f in frames:
-            seg.append(f)
+        seg = spill_segment(frames)
         if k == 0:
             assert s.put_segment(0, seg, md5) == md5
             assert s.get_segment(0) == joined

@@ -137,6 +137,13 @@ def _pwritev_all(fd: int, parts: Sequence[Buffer], offset: int) -> None:
                 n = 0
 
 
+def scratch_write(fd: int, data: Buffer, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of a scratch file: not user data,
+    so neither fault injection nor the crash observer sees it (they would
+    count writes no power cut can leave behind)."""
+    _pwritev_all(fd, (data,), offset)
+
+
 def fsync(fd: int) -> None:
     plan = _tick("fsync")
     if plan is not None:

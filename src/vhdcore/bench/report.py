@@ -167,5 +167,5 @@ def format_report(report: dict[str, Any], *, notes: bool = True) -> str:
 
 _SHOW_NOTES = {"peer.qemu_img", "twin.merge_scattered", "coalesce.scattered_holes",
                "imaging.pipeline", "imaging.virtual", "lz4.2threads", "memory.flatten",
-               "memory.imaging", "memory.imaging_large_segments", "repo.first_image", "repo.incremental_growth",
-               "repo.clone_growth", "repo.restore", "memory.repo"}
+               "memory.imaging", "memory.imaging_large_segments", "repo.first_image",
+               "repo.incremental_growth", "repo.clone_growth", "repo.restore", "memory.repo"}

@@ -231,8 +231,7 @@ class SegmentSink:
                  spill_dir: str | None = None) -> None:
         self.uploader = uploader
         # with spill_dir, segments go to scratch files there, not to memory
-        self.packer = SegmentPacker(segment_size, spill=spill_dir is not None,
-                                    spill_dir=spill_dir)
+        self.packer = SegmentPacker(segment_size, spill_dir=spill_dir)
         self.records = records
         self.lock = lock
         self.reusable = reusable or {}

@@ -28,7 +28,6 @@ from .. import _io
 from ..errors import StoreError, StoreNotFoundError, UploadError
 from .base import (
     SegmentData,
-    SpillSegment,
     segment_parts,
     _GENERATION_RE,
     ImageEntry,
@@ -54,9 +53,7 @@ def _atomic_write(path: Path, data: SegmentData, durable: bool) -> None:
     # through vhdcore._io, so that tests can inject faults here too; a
     # FrameList goes down as its frames (one vectored write, no join), a
     # SpillSegment a chunk at a time
-    parts = segment_parts(data)
-    _io.atomic_write(str(path), parts if isinstance(data, SpillSegment) else tuple(parts),
-                     durable=durable)
+    _io.atomic_write(str(path), segment_parts(data), durable=durable)
 
 
 class DirectoryStore(Store):

@@ -61,7 +61,7 @@ class SegmentPacker:
     """
 
     def __init__(self, segment_size: int, first_index: int = 0, *,
-                 spill: bool = False, spill_dir: str | None = None) -> None:
+                 spill_dir: str | None = None) -> None:
         if segment_size <= 0:
             raise ValueError(f"segment_size must be positive, got {segment_size}")
         self.segment_size = segment_size
@@ -70,10 +70,9 @@ class SegmentPacker:
         self.first_frame = 0
         self._parts: list[Buffer] = []
         self._size = 0
-        #: with ``spill``, :meth:`flush_frames` hands on each segment as a
-        #: :class:`~vhdcore.store.base.SpillSegment` (in ``spill_dir``): a
-        #: frame goes to its scratch file as it is added and is not kept
-        self.spill = spill
+        #: with ``spill_dir``, :meth:`flush_frames` hands on each segment as
+        #: a :class:`~vhdcore.store.base.SpillSegment` there: a frame goes to
+        #: its scratch file as it is added and is not kept
         self.spill_dir = spill_dir
         self._spilled: SpillSegment | None = None
 
@@ -90,7 +89,7 @@ class SegmentPacker:
             out = self.flush(frame_index)
         if not self._open():
             self.first_frame = frame_index
-        if self.spill:
+        if self.spill_dir is not None:
             if self._spilled is None:
                 self._spilled = SpillSegment(self.spill_dir)
             self._spilled.append(frame)
@@ -113,7 +112,7 @@ class SegmentPacker:
     def flush_frames(self, next_frame: int) -> tuple[int, int, int, FrameList | SpillSegment] | None:
         """Like :meth:`flush`, with the segment as its frames (not joined:
         every store takes a :class:`~vhdcore.store.base.FrameList`), or as
-        its scratch file with ``spill``."""
+        its scratch file with ``spill_dir``."""
         if not self._open():
             self.first_frame = next_frame
             return None
