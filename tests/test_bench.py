@@ -31,6 +31,7 @@ EXPECTED = [
     "repo.clone_growth", "repo.restore", "memory.repo",
     "coalesce.vs_vhd_util.random4k.cold", "coalesce.vs_vhd_util.random4k.warm",
     "coalesce.vs_vhd_util.blocks.cold", "coalesce.vs_vhd_util.blocks.warm",
+    "coalesce.vs_vhd_util.random4k.warm_whole",
 ]
 
 
@@ -131,3 +132,63 @@ def test_twin_kernels_patches_and_restores():
     with pytest.raises(RuntimeError), bench.twin_kernels():
         raise RuntimeError("boom")
     assert {n: getattr(kernels, n) for n in kernels.KERNEL_NAMES} == before
+
+
+def _cached_pages(path) -> list[bool]:
+    """Which pages of ``path`` are in the page cache (``mincore``)."""
+    import ctypes
+    import mmap
+
+    import numpy as np
+
+    from vhdcore.ops.coalesce_block import _mincore
+
+    fn = _mincore()
+    if fn is None:
+        pytest.skip("no mincore here")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        n = -(-len(mm) // mmap.PAGESIZE)
+        vec = np.zeros(n, dtype=np.uint8)
+        addr = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+        assert fn(ctypes.c_void_p(addr), ctypes.c_size_t(len(mm)),
+                  ctypes.c_void_p(vec.ctypes.data)) == 0
+        return [bool(v & 1) for v in vec]
+
+
+def test_peer_warm_up_caches_the_data_not_the_holes(tmp_path):
+    """The coalesce comparison's warm-up reads a sparse file's data extents
+    only (a whole read would cache a zeroed page for every page of its
+    holes); ``whole=True`` reads every byte."""
+    from vhdcore.bench.coalesce_peer import warm
+    from vhdcore.bench.machine import evict
+
+    page = 4096
+    p = tmp_path / "sparse"
+    with open(p, "wb") as f:
+        f.write(b"\1" * 16 * page)           # pages 0-15: data
+        f.seek(1024 * page)
+        f.write(b"\2" * page)                # page 1024: data, a hole before it
+        f.truncate(2048 * page)              # a hole at the end
+    evict([p])
+    if any(_cached_pages(p)):
+        pytest.skip("this filesystem keeps the pages cached (tmpfs?)")
+    data = _data_extents_of(p)
+    if data == [(0, 2048 * page)]:
+        pytest.skip("this filesystem reports no holes")
+    warm([p])
+    cached = _cached_pages(p)
+    assert all(cached[:16]) and cached[1024]
+    assert not any(cached[16:1024]) and not any(cached[1025:])
+    evict([p])
+    warm([p], whole=True)
+    assert all(_cached_pages(p))
+
+
+def _data_extents_of(path) -> list[tuple[int, int]]:
+    from vhdcore.bench.coalesce_peer import _data_extents
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _data_extents(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
