@@ -28,7 +28,7 @@ page cache is first faulted in by the host (measured: touching fresh memory
 cost about 29 microseconds a page, 7.6 s per GiB, against 0.17 s per GiB
 reused).  vhd-util writes with ``O_DIRECT`` and allocates no page cache, so
 it does not pay that; :func:`run_side` keeps the whole-file warm-up
-(``warm="whole"``) to show that cost.  The bytes each side read from and
+(``warm_whole=True``) to show that cost.  The bytes each side read from and
 wrote to the storage come from its resource usage (``ru_inblock``,
 ``ru_oublock``; 512-byte units).
 """
