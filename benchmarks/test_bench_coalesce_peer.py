@@ -1,7 +1,8 @@
 """Coalesce side by side with blktap's ``vhd-util coalesce`` on the same
 files (a 4 GiB disk; see :mod:`vhdcore.bench.coalesce_peer`): a child of 256 MiB of
 random 4 KiB writes and one of whole 2 MiB blocks, cold (page cache dropped
-before each side, root only) and warm, the final fsync counted on both sides.
+before each side, root only) and warm (the files' data extents read first), the final
+fsync counted on both sides.
 
 The peer runs when ``VHDCORE_BENCH_VHD_UTIL=/path/to/vhd-util`` is set (blktap
 is not packaged by Debian; build ``vhd-util`` from its public source);
