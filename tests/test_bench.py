@@ -136,23 +136,25 @@ def test_twin_kernels_patches_and_restores():
 
 def _cached_pages(path) -> list[bool]:
     """Which pages of ``path`` are in the page cache (``mincore``)."""
-    import ctypes
     import mmap
 
-    import numpy as np
+    from vhdcore.ops.coalesce_block import _resident_pages
 
-    from vhdcore.ops.coalesce_block import _mincore
-
-    fn = _mincore()
-    if fn is None:
-        pytest.skip("no mincore here")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
-        n = -(-len(mm) // mmap.PAGESIZE)
-        vec = np.zeros(n, dtype=np.uint8)
-        addr = np.frombuffer(mm, dtype=np.uint8).ctypes.data
-        assert fn(ctypes.c_void_p(addr), ctypes.c_size_t(len(mm)),
-                  ctypes.c_void_p(vec.ctypes.data)) == 0
-        return [bool(v & 1) for v in vec]
+        pages = _resident_pages(mm, 0, -(-len(mm) // mmap.PAGESIZE))
+    if pages is None:
+        pytest.skip("no mincore here")
+    return [bool(v) for v in pages]
+
+
+def _data_extents_of(path) -> list[tuple[int, int]]:
+    from vhdcore.bench.coalesce_peer import _data_extents
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _data_extents(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
 
 def test_peer_warm_up_caches_the_data_not_the_holes(tmp_path):
@@ -172,8 +174,7 @@ def test_peer_warm_up_caches_the_data_not_the_holes(tmp_path):
     evict([p])
     if any(_cached_pages(p)):
         pytest.skip("this filesystem keeps the pages cached (tmpfs?)")
-    data = _data_extents_of(p)
-    if data == [(0, 2048 * page)]:
+    if _data_extents_of(p) == [(0, 2048 * page)]:
         pytest.skip("this filesystem reports no holes")
     warm([p])
     cached = _cached_pages(p)
@@ -183,12 +184,3 @@ def test_peer_warm_up_caches_the_data_not_the_holes(tmp_path):
     warm([p], whole=True)
     assert all(_cached_pages(p))
 
-
-def _data_extents_of(path) -> list[tuple[int, int]]:
-    from vhdcore.bench.coalesce_peer import _data_extents
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return _data_extents(fd, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)

@@ -18,19 +18,15 @@ final ``fsync`` of the parent.  Cold: the page cache is dropped (as root,
 ``/proc/sys/vm/drop_caches``; otherwise, or with
 ``VHDCORE_BENCH_NO_DROP_CACHES=1``, only the two files' pages are evicted,
 ``posix_fadvise(DONTNEED)``) after the copy, before each side; warm: the
-data of both files is read into the page cache first, their data extents
-(``SEEK_DATA``/``SEEK_HOLE``), as a writer leaves them cached.  Reading a
-sparse file whole would also fill the page cache with zeroed pages for its
-holes: 4 GiB of them for the random 4 KiB child's 256 MiB of data.  On a
-virtual machine whose balloon reports free pages to the host, that uses up
-the recently freed memory, and every page the coalesce then writes into the
-page cache is first faulted in by the host (measured: touching fresh memory
-cost about 29 microseconds a page, 7.6 s per GiB, against 0.17 s per GiB
-reused).  vhd-util writes with ``O_DIRECT`` and allocates no page cache, so
-it does not pay that; :func:`run_side` keeps the whole-file warm-up
-(``warm_whole=True``) to show that cost.  The bytes each side read from and
-wrote to the storage come from its resource usage (``ru_inblock``,
-``ru_oublock``; 512-byte units).
+files' data extents (``SEEK_DATA``/``SEEK_HOLE``) are read into the page
+cache first, as a writer leaves them cached.  Reading a sparse file whole
+would also cache a zeroed page for every page of its holes, and on a
+virtual machine that hands freed memory back to its host that made the
+coalesce's own page-cache writes pay a host fault each (``docs/benchmarks.md``
+has the measurements); ``warm_whole=True`` still measures it.  vhd-util
+writes with ``O_DIRECT`` and is not affected either way.  The bytes each
+side read from and wrote to the storage come from its resource usage
+(``ru_inblock``, ``ru_oublock``; 512-byte units).
 """
 from __future__ import annotations
 
@@ -288,14 +284,16 @@ def run_side(side: str, pristine: tuple[Path, Path], work: Path, *, cold: bool,
 
 
 def compare(kind: str, work: Path, vhd_util: str | None, *, cold: bool,
-            pristine: tuple[Path, Path] | None = None) -> dict[str, Any]:
+            pristine: tuple[Path, Path] | None = None,
+            warm_whole: bool = False) -> dict[str, Any]:
     """One run of each side on the same files: seconds, bytes, the ratio."""
     if pristine is None:
         pristine = make_peer_pair(work / f"pristine-{kind}", kind)
-    ours = run_side("vhdcore", pristine, work / "run", cold=cold)
+    ours = run_side("vhdcore", pristine, work / "run", cold=cold, warm_whole=warm_whole)
     out: dict[str, Any] = {"vhdcore": ours}
     if vhd_util is not None:
-        peer = run_side("vhd-util", pristine, work / "run", cold=cold, vhd_util=vhd_util)
+        peer = run_side("vhd-util", pristine, work / "run", cold=cold, vhd_util=vhd_util,
+                        warm_whole=warm_whole)
         out["vhd-util"] = peer
         out["ratio"] = peer.seconds / ours.seconds
     shutil.rmtree(work / "run", ignore_errors=True)

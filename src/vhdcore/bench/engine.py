@@ -231,13 +231,11 @@ def measure_coalesce_peer(b: BenchRun) -> None:
             # the sparse child read whole, holes and all (information): the
             # ratio is against the vhd-util warm run above, which the page
             # cache does not change (it writes with O_DIRECT)
-            ours = cpeer.run_side("vhdcore", pristine, base / "run", cold=False,
+            whole = cpeer.compare(kind, base, None, cold=False, pristine=pristine,
                                   warm_whole=True)
-            shutil.rmtree(base / "run", ignore_errors=True)
-            whole: dict[str, Any] = {"vhdcore": ours}
             if "vhd-util" in out:
-                whole["vhd-util"] = out["vhd-util"]
-                whole["ratio"] = out["vhd-util"].seconds / ours.seconds
+                whole["vhd-util"] = peer = out["vhd-util"]
+                whole["ratio"] = peer.seconds / whole["vhdcore"].seconds
             _add_peer_result(b, kind, "warm_whole", whole, vsize, data)
         shutil.rmtree(base / f"pristine-{kind}", ignore_errors=True)
 

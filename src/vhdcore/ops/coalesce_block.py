@@ -87,24 +87,34 @@ def _resident_sectors(vhd: VhdFile, offset: int, nsectors: int) -> bytearray | N
     ``offset`` whose pages are in the page cache (``mincore``): comparing
     those costs no I/O.  None when it cannot be told (then nothing is
     compared)."""
-    fn = _mincore()
-    if fn is None or vhd._mm is None:
+    if vhd._mm is None:
         return None
-    import ctypes
-
     length = nsectors * SECTOR
     p0 = offset // _PAGE
     p1 = -(-(offset + length) // _PAGE)
     if p1 * _PAGE > len(vhd._mm) + _PAGE - 1:
         return None
-    base = np.frombuffer(vhd._mm, dtype=np.uint8).ctypes.data
+    pages = _resident_pages(vhd._mm, p0, p1)
+    if pages is None:
+        return None
+    sec = (offset + np.arange(nsectors, dtype=np.int64) * SECTOR) // _PAGE - p0
+    return bytearray(np.packbits(pages[sec].astype(bool)).tobytes())
+
+
+def _resident_pages(mm: Any, p0: int, p1: int) -> np.ndarray | None:
+    """1 for each page ``[p0, p1)`` of the mapping ``mm`` that is in the
+    page cache, else 0 (``mincore``); None when it cannot be told."""
+    fn = _mincore()
+    if fn is None:
+        return None
+    import ctypes
+
+    base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
     vec = np.zeros(p1 - p0, dtype=np.uint8)
     if fn(ctypes.c_void_p(base + p0 * _PAGE), ctypes.c_size_t((p1 - p0) * _PAGE),
           ctypes.c_void_p(vec.ctypes.data)) != 0:
         return None
-    pages = vec & 1
-    sec = (offset + np.arange(nsectors, dtype=np.int64) * SECTOR) // _PAGE - p0
-    return bytearray(np.packbits(pages[sec].astype(bool)).tobytes())
+    return vec & 1
 
 
 _MINCORE: list[Any] = []
